@@ -1,0 +1,179 @@
+"""DeepSpeed from our config: the process group, the engine's JSON config, and the engine.
+
+The values we derive from the typed config (batch sizes, ZeRO stage, precision, clipping) may
+also be given in the native ``deepspeed:`` section, but must then agree: a silent override
+of, say, the ZeRO stage is how a run ends up measuring something else than it says.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from pipeline.config import Config, ConfigError
+from pipeline.distributed.env import DistributedEnv
+
+log = logging.getLogger(__name__)
+
+# torch 2.14 deprecates the collectives DeepSpeed's ZeRO calls every step; say it once, not per step.
+for _message in ("all_gather_into_tensor is deprecated", "reduce_scatter_tensor is deprecated",
+                 ".*torch.distributed._all_gather_base.*", ".*torch.distributed._reduce_scatter_base.*"):
+    warnings.filterwarnings("ignore", message=f".*{_message}.*")
+
+STEPS_PER_PRINT_NEVER = 2**31 - 1
+
+
+def device_for(env: DistributedEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot train in, before any process group exists."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
+                          "use train.precision=bf16 or fp32 here")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("train.precision=bf16 is not supported by this GPU; use train.precision=fp16 or fp32")
+
+
+def uses_autocast(cfg: Config) -> bool:
+    """bf16 at ZeRO-0: DeepSpeed would keep bf16 weights and gradients with no fp32 master copy
+    (FACTS.md: visibly worse losses), so we keep fp32 weights and run the forward in autocast."""
+    return cfg.train.precision == "bf16" and cfg.train.zero_stage == 0
+
+
+def autocast_context(cfg: Config, device: torch.device):
+    if uses_autocast(cfg):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def derived_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed keys that our typed config decides."""
+    precision = cfg.train.precision
+    engine_bf16 = precision == "bf16" and not uses_autocast(cfg)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum_steps,
+        "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": engine_bf16},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+
+
+# Where a conflicting native key should be changed instead.
+OWNER_OF = {
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "train_batch_size": "data.batch_size x train.grad_accum_steps x world size",
+    "gradient_clipping": "optim.grad_clip",
+    "zero_optimization.stage": "train.zero_stage",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+}
+# Our optim section owns the schedule; a second scheduler would fight it.
+REFUSED_KEYS = {"scheduler": "optim.warmup_steps / optim.schedule / optim.lr"}
+DEFAULTS = {"steps_per_print": STEPS_PER_PRINT_NEVER, "wall_clock_breakdown": False,
+            "fp16": {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1}}
+
+
+def merge_deepspeed_config(derived: dict, user: dict, prefix: str = "") -> dict:
+    """User's native keys merged over ours; a leaf both set to different values is refused."""
+    merged = copy.deepcopy(derived)
+    for key, value in user.items():
+        dotted = f"{prefix}{key}"
+        if not prefix and key in REFUSED_KEYS:
+            raise ConfigError(f"deepspeed.{key} is not allowed: the schedule comes from "
+                              f"{REFUSED_KEYS[key]}; remove deepspeed.{key}")
+        if key not in merged:
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(merged[key], dict) and isinstance(value, dict):
+            merged[key] = merge_deepspeed_config(merged[key], value, prefix=f"{dotted}.")
+        elif merged[key] != value:
+            owner = OWNER_OF.get(dotted, "the typed config")
+            raise ConfigError(f"deepspeed.{dotted}={value!r} conflicts with {merged[key]!r} derived from "
+                              f"{owner}; set it there and remove deepspeed.{dotted}")
+    return merged
+
+
+def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    merged = merge_deepspeed_config(derived_deepspeed_config(cfg, world_size), cfg.deepspeed)
+    for key, value in DEFAULTS.items():
+        if isinstance(value, dict):
+            merged[key] = {**value, **merged.get(key, {})}
+        else:
+            merged.setdefault(key, value)
+    return merged
+
+
+def init_process_group(env: DistributedEnv, timeout_s: float) -> None:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
+    import deepspeed
+    import deepspeed.ops
+
+    env.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    # DeepSpeed's shared-memory all-reduce serves inference only; building it costs ~30 s on a
+    # fresh machine and it holds shared memory across ranks at teardown. Training never uses it.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+
+
+def destroy_process_group(*, clean: bool) -> None:
+    """Tear the process group down in step: everyone arrives, then everyone leaves.
+
+    After a failure the other ranks may sit in a different collective, so a barrier there
+    would wait out the whole timeout: then we only destroy our end.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        if clean:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass
+class EngineParts:
+    engine: Any  # deepspeed.DeepSpeedEngine
+    optimizer: Any
+    scheduler: Any
+    ds_config: dict
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
+                 optimizer_factory: Callable, scheduler_factory: Callable) -> EngineParts:
+    """Wrap ``model`` in a DeepSpeed engine with our optimizer and LR schedule."""
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg, world_size)
+    if "optimizer" in ds_config:
+        # A native DeepSpeed optimizer (e.g. for ZeRO-Offload's CPUAdam): give it our groups.
+        from pipeline.optim import param_groups
+
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+            lr_scheduler=scheduler_factory, config=ds_config)
+    else:
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer_factory(model), lr_scheduler=scheduler_factory, config=ds_config)
+    log.info("DeepSpeed engine: ZeRO-%d, precision %s%s, micro-batch %d, grad accumulation %d, world size %d",
+             cfg.train.zero_stage, cfg.train.precision, " (autocast, fp32 weights)" if uses_autocast(cfg) else "",
+             cfg.data.batch_size, cfg.train.grad_accum_steps, world_size)
+    return EngineParts(engine=engine, optimizer=optimizer, scheduler=scheduler, ds_config=ds_config)
+
