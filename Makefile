@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) launch/demo.py
+	$(PY) launch/demo.py $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

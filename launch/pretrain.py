@@ -63,7 +63,17 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("training failed")
     finally:
         destroy_process_group(clean=code in (0, EXIT_PREEMPTED))
+        if env.is_main:
+            write_exit_status(cfg.train.output_dir, code)
     return code
+
+
+def write_exit_status(output_dir: str, code: int) -> None:
+    """torchrun reports any failing worker as 1, so the code that means "requeue me" (75) is
+    also left in <output_dir>/exit_status for the Slurm script to read."""
+    path = Path(output_dir)
+    if path.is_dir():
+        (path / "exit_status").write_text(f"{code}\n")
 
 
 def _cuda_available() -> bool:

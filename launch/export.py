@@ -1,0 +1,38 @@
+"""Export a checkpoint to HuggingFace's format: `python launch/export.py --checkpoint RUN_OR_STEP_DIR --out DIR`.
+
+The result (`config.json` + `model.safetensors`, fp32) loads with
+`transformers.ViTForImageClassification.from_pretrained(DIR)` and with `pipeline.model.from_pretrained`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.errors import USER_ERRORS, one_line  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run's output_dir, or its checkpoints/step-N")
+    parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out)
+    except (*USER_ERRORS, ValueError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
