@@ -143,9 +143,13 @@ class DataConfig:
     batch_size: int = 32  # per-rank micro-batch
     num_workers: int = 2
     ledger: bool = False  # write <output_dir>/ledger/rank<R>.jsonl: the sample keys of every step
+    manifest: str | None = None  # manifest.json path/URL when it does not sit beside the shards
     shuffle_buffer: int = 1000  # samples held by each worker's seeded shuffle buffer
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    augment: str = "rrc"  # "rrc": RandomResizedCrop; "shift": resize + random shift; "none": resize only
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    shift_pixels: int = 1  # largest shift (pixels at the model's resolution) for augment=shift
     hflip: bool = True  # random horizontal flip in training (off for digits: it changes meaning)
+    crop_pct: float = 0.875  # evaluation: resize to image_size / crop_pct, then center crop
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples failed to decode
@@ -157,6 +161,14 @@ class DataConfig:
         _require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         _require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                  f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {self.crop_scale}")
+        _require(self.augment in ("rrc", "shift", "none"),
+                 f"data.augment '{self.augment}' is unknown; use 'rrc', 'shift' or 'none'")
+        _require(self.shift_pixels >= 0, f"data.shift_pixels must be >= 0, got {self.shift_pixels}")
+        _require(0 < self.crop_pct <= 1, f"data.crop_pct must be in (0, 1], got {self.crop_pct}")
+        _require(len(self.mean) >= 1 and len(self.mean) == len(self.std),
+                 f"data.mean and data.std must have the same length (1 or the channel count), "
+                 f"got {len(self.mean)} and {len(self.std)}")
+        _require(all(s > 0 for s in self.std), f"data.std values must be positive, got {self.std}")
         _require(0.0 <= self.max_bad_fraction <= 1.0,
                  f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         _require(self.eval_batch_size is None or self.eval_batch_size > 0,

@@ -1,0 +1,55 @@
+"""The sample ledger: which keys each rank consumed at each optimizer step.
+
+``<output_dir>/ledger/rank<R>.jsonl``, one line per step: ``{"step": N, "keys": [...]}``. With
+it anyone can check coverage, duplicates and resumes without trusting the loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class LedgerWriter:
+    """Append-only writer of one rank's ledger; each line is flushed as it is written.
+
+    ``resume_step``: on a resume from the checkpoint of that step, lines of later steps (written
+    by the interrupted run after its last checkpoint) are dropped first, so that the ledger tells
+    what the model actually trained on.
+    """
+
+    def __init__(self, output_dir: str | Path, rank: int, *, resume_step: int | None = None):
+        self.path = Path(output_dir) / "ledger" / f"rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)  # line-buffered
+
+    def write(self, step: int, keys: list[str]) -> None:
+        self._file.write(json.dumps({"step": int(step), "keys": list(keys)}) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> LedgerWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_ledger(output_dir: str | Path) -> dict[int, dict[int, list[str]]]:
+    """{rank: {step: keys}} of every ledger under ``output_dir`` (a later line for a step wins)."""
+    result: dict[int, dict[int, list[str]]] = {}
+    for path in sorted((Path(output_dir) / "ledger").glob("rank*.jsonl")):
+        rank = int(path.stem[4:])
+        steps = result.setdefault(rank, {})
+        for line in path.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                steps[int(entry["step"])] = entry["keys"]
+    return result

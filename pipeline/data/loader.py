@@ -1,0 +1,281 @@
+"""Training and evaluation loaders: webdataset shards -> exact, resumable batches per rank.
+
+The training stream is a pure function of (seed, epoch, world size, workers); see
+``partition.py`` for who reads what. Each DataLoader worker runs, per slice of an epoch:
+
+    raw samples of the slice (tar headers, no decode) -> seeded shuffle buffer
+    -> refill if bad samples left it short -> drop what a resume already consumed
+    -> decode + augment (bad samples skipped and counted) -> exact batches
+
+The DataLoader hands worker batches out round-robin and in order, so the loader's state is
+just (epoch, batches consumed by this rank) plus, per slot, how many items it consumed (equal to
+batches x batch size unless bad samples were skipped). Iterating a TrainLoader is infinite:
+epochs follow each other without a pause; ``batch["epoch"]`` says where one begins.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig
+
+from .partition import EvalLayout, TrainLayout, mix_seed, shard_offsets
+from .sources import DataError, Shard, resolve_shards
+from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, SliceReader, TrainBatches,
+                     replayed_positions, seeded_shuffle)
+from .transforms import NormalizeBatch, check_channels, eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+MIN_SAMPLES_FOR_BAD_CHECK = 1000  # below this many samples, bad fractions are too noisy to stop on
+
+
+@dataclass(frozen=True)
+class _Decoding:
+    """What a worker needs to turn raw samples into batches (picklable)."""
+
+    transform: object
+    normalize: NormalizeBatch
+    num_channels: int
+
+
+class TrainStream(IterableDataset):
+    """One rank's infinite training stream, starting at (epoch, batches, consumed per slot)."""
+
+    def __init__(self, shards: list[Shard], layout: TrainLayout, rank: int, decoding: _Decoding,
+                 shuffle_buffer: int):
+        self.urls = [s.url for s in shards]
+        self.layout, self.rank, self.decoding, self.shuffle_buffer = layout, rank, decoding, shuffle_buffer
+        self.start_epoch, self.start_batches, self.start_consumed = 0, 0, [0] * layout.num_slots
+
+    def starting_at(self, epoch: int, batches: int, consumed: list[int]) -> TrainStream:
+        stream = copy.copy(self)
+        stream.start_epoch, stream.start_batches, stream.start_consumed = epoch, batches, list(consumed)
+        return stream
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        steps, slots = self.layout.steps_per_epoch, self.layout.num_slots
+        # Worker w serves the rank's batches start+w, start+w+K, ... (DataLoader round-robin).
+        position = self.start_epoch * steps + self.start_batches + worker
+        while True:
+            epoch, index = divmod(position, steps)
+            slot = index % slots
+            consumed = self.start_consumed[slot] if epoch == self.start_epoch else 0
+            for batch in self.slice_batches(epoch, slot, index // slots, consumed):
+                yield batch
+                position += slots
+
+    def slice_batches(self, epoch: int, slot: int, first_batch: int, consumed: int) -> Iterator[dict]:
+        """Batches ``first_batch``.. of the slot's slice in ``epoch``, after ``consumed`` items."""
+        layout, where = self.layout, f"rank {self.rank} slot {slot} epoch {epoch}"
+        segments = layout.slot_segments(epoch, self.rank, slot)
+        length = sum(len(s) for s in segments)
+        shuffle_seed = mix_seed(layout.seed, epoch, self.rank, slot, "shuffle")
+        replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
+        reader = SliceReader(self.urls, layout.shard_offsets, segments, replayed)
+        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, seed=layout.seed, epoch=epoch)
+        return iter(wds.DataPipeline(
+            # raw samples of the slice, one item per position; consumed ones are header-only placeholders
+            reader,
+            # seeded shuffle buffer per (seed, epoch, rank, slot); undecoded bytes, so skipping stays cheap
+            seeded_shuffle(self.shuffle_buffer, shuffle_seed),
+            # only pulled when bad samples left the slice short: repeat good samples (logged)
+            Refill(SliceReader(self.urls, layout.shard_offsets, segments), where),
+            # number the items; drop those a resumed run already consumed (all placeholders)
+            DropConsumed(consumed),
+            # decode + augment (seeded per sample); bad samples are skipped, counted and logged
+            wds.map(decode, handler=SkipBad(where)),
+            # exactly the slot's remaining batches, collated and normalized in the worker
+            TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, epoch=epoch,
+                         first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
+                         slot=slot, consumed=consumed, normalize=self.decoding.normalize, where=where),
+        ))
+
+
+class TrainLoader:
+    """Infinite iterator of training batches for one rank, with a small resumable state.
+
+    ``state_dict()`` describes the batches handed out so far; ``set_state()`` (before iterating)
+    continues exactly on the same layout, or at the next epoch boundary on a different one.
+    """
+
+    def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool, max_bad_fraction: float):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.max_bad_fraction = max_bad_fraction
+        self.layout = stream.layout
+        self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
+        self.bad, self.seen = 0, 0
+        self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a layout change
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.layout.steps_per_epoch
+
+    def state_dict(self) -> dict:
+        lay = self.layout
+        return {"epoch": self.epoch, "batches": self.batches, "world_size": lay.world_size,
+                "num_workers": self.num_workers, "batch_size": lay.batch_size, "num_samples": lay.num_samples,
+                "seed": lay.seed, "consumed": list(self.consumed), "bad": self.bad, "seen": self.seen}
+
+    def set_state(self, state: dict) -> None:
+        lay = self.layout
+        self.bad, self.seen = int(state.get("bad", 0)), int(state.get("seen", 0))
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        same = {"world_size": lay.world_size, "num_workers": self.num_workers, "batch_size": lay.batch_size,
+                "num_samples": lay.num_samples, "seed": lay.seed}
+        changed = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
+        if not changed:
+            self.epoch, self.batches = epoch, batches
+            self.consumed = list(state.get("consumed") or
+                                 [lay.slot_batches_before(s, batches) * lay.batch_size for s in range(lay.num_slots)])
+            return
+        # A different layout cannot continue the interrupted epoch's order: start the next epoch.
+        self.skipped_on_resume = 0
+        if batches > 0:  # every rank consumed `batches` batches of the old global batch size
+            old_global_batch = int(state.get("batch_size", lay.batch_size)) * int(state.get("world_size", 1))
+            self.skipped_on_resume = int(state.get("num_samples", lay.num_samples)) - batches * old_global_batch
+            epoch += 1
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning("data: %s since the checkpoint; resuming at the start of epoch %d, skipping %d samples of "
+                    "the interrupted epoch %d", what, epoch, self.skipped_on_resume, epoch - 1)
+        self.epoch, self.batches, self.consumed = epoch, 0, [0] * lay.num_slots
+
+    def __iter__(self) -> Iterator[dict]:
+        lay = self.layout
+        stream = self.stream.starting_at(self.epoch, self.batches, self.consumed)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            in_order=True, persistent_workers=False)
+        expected = self.epoch * lay.steps_per_epoch + self.batches
+        iterator = iter(loader)
+        while True:
+            rng = torch.get_rng_state() if self.num_workers == 0 else None
+            batch = next(iterator)
+            if rng is not None:  # decoding in this process reseeds per sample: give the trainer its RNG back
+                torch.set_rng_state(rng)
+            slot, consumed = batch.pop("slot"), batch.pop("consumed")
+            if batch["epoch"] * lay.steps_per_epoch + batch["index"] != expected:
+                raise RuntimeError(f"loader order broke: got batch {batch['index']} of epoch {batch['epoch']}, "
+                                   f"expected global batch {expected}")
+            expected += 1
+            self._account(batch, slot, consumed)
+            yield batch
+
+    def _account(self, batch: dict, slot: int, consumed: int) -> None:
+        lay = self.layout
+        self.consumed[slot] = consumed
+        self.epoch, self.batches = batch["epoch"], batch["index"] + 1
+        if self.batches == lay.steps_per_epoch:
+            self.epoch, self.batches, self.consumed = self.epoch + 1, 0, [0] * lay.num_slots
+        self.bad += batch["skipped"]
+        self.seen += batch["skipped"] + lay.batch_size
+        floor = self.seen if self.batches == 0 else max(self.seen, MIN_SAMPLES_FOR_BAD_CHECK)
+        if self.bad > self.max_bad_fraction * floor:
+            raise DataError(f"rank {self.stream.rank}: {self.bad} of {self.seen} samples were bad "
+                            f"({self.bad / max(self.seen, 1):.1%}), more than data.max_bad_fraction="
+                            f"{self.max_bad_fraction}; fix the shards named in the warnings above or "
+                            "raise data.max_bad_fraction")
+
+
+class EvalStream(IterableDataset):
+    """One rank's evaluation pass: every sample of its part once, padded to equal batch counts."""
+
+    def __init__(self, shards: list[Shard], layout: EvalLayout, rank: int, decoding: _Decoding,
+                 image_shape: tuple[int, int, int]):
+        self.urls, self.offsets = [s.url for s in shards], shard_offsets(layout.counts)
+        self.layout, self.rank, self.decoding, self.image_shape = layout, rank, decoding, image_shape
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        slot = info.id if info is not None else 0
+        lay, where = self.layout, f"rank {self.rank} eval slot {slot}"
+        segments = lay.slot_segments(self.rank, slot)
+        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels)
+        return iter(wds.DataPipeline(
+            # raw samples of this slot's contiguous piece, in shard order
+            SliceReader(self.urls, self.offsets, segments),
+            # number the items so that batches can count the bad ones
+            DropConsumed(0),
+            # decode + resize + center crop; bad samples are skipped, counted and logged
+            wds.map(decode, handler=SkipBad(where)),
+            # the slot's batches, padded after the last sample (batch["valid"] marks real ones)
+            EvalBatches(lay.batch_size, lay.slot_batches(slot), total=sum(len(s) for s in segments),
+                        first_index=slot, stride=lay.num_slots, normalize=self.decoding.normalize,
+                        image_shape=self.image_shape),
+        ))
+
+
+class EvalLoader:
+    """One pass per ``iter()``: ``num_batches`` batches on every rank, with ``batch["valid"]``."""
+
+    def __init__(self, stream: EvalStream, *, num_workers: int, pin_memory: bool):
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.num_batches = stream.layout.num_batches
+        self.num_samples = stream.layout.num_samples
+        self.skipped = 0  # bad samples in the last pass on this rank
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, in_order=True)
+        self.skipped = 0
+        for expected, batch in enumerate(loader):
+            if batch["index"] != expected:
+                raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
+            self.skipped += batch["skipped"]
+            yield batch
+
+
+def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, seed: int,
+                       rank: int, world_size: int, pin_memory: bool = False) -> TrainLoader:
+    """The training loader of ``rank``; shard problems are DataErrors raised here, before training."""
+    check_channels(num_channels)
+    shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
+    layout = TrainLayout(tuple(s.num_samples for s in shards), cfg.batch_size, world_size,
+                         max(1, cfg.num_workers), seed)
+    if layout.steps_per_epoch == 0:
+        raise DataError(f"data.train_shards hold {layout.num_samples} samples, fewer than one global batch "
+                        f"({cfg.batch_size} x {world_size} ranks = {layout.global_batch}); lower data.batch_size")
+    hw = _image_hw(image_size)
+    decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
+                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
+                         NormalizeBatch(cfg.mean, cfg.std, num_channels), num_channels)
+    if rank == 0:
+        log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "
+                 "epoch", layout.num_samples, len(shards), layout.steps_per_epoch, cfg.batch_size, world_size,
+                 layout.remainder)
+    stream = TrainStream(shards, layout, rank, decoding, cfg.shuffle_buffer)
+    return TrainLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                       max_bad_fraction=cfg.max_bad_fraction)
+
+
+def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, rank: int,
+                      world_size: int, pin_memory: bool = False) -> EvalLoader | None:
+    """The evaluation loader of ``rank``, or None when ``data.val_shards`` is not set."""
+    if not cfg.val_shards:
+        return None
+    check_channels(num_channels)
+    shards = resolve_shards(cfg.val_shards, cfg.manifest, what="data.val_shards")
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    layout = EvalLayout(tuple(s.num_samples for s in shards), batch_size, world_size, max(1, cfg.num_workers))
+    hw = _image_hw(image_size)
+    decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), NormalizeBatch(cfg.mean, cfg.std, num_channels),
+                         num_channels)
+    stream = EvalStream(shards, layout, rank, decoding, (num_channels, *hw))
+    return EvalLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory)

@@ -1,0 +1,200 @@
+"""Writing webdataset shards from an image folder or scikit-learn's digits, plus ``manifest.json``.
+
+Each sample is ``<key>.<ext>`` (the source image bytes, untouched for JPEG/PNG/...),
+``<key>.cls`` (the class index as text) and ``<key>.json`` (label, class name, source). Samples
+are split per class into train/val with a seeded generator, shuffled across classes (a shard
+then holds every class, which the loader's shard-level shuffle relies on) and cut into shards
+of ``shard_size``. Several processes write whole shards in parallel; each shard appears under
+its final name only once complete, and the manifest (shard names, sample counts, class names)
+is written last: a directory with a manifest is a complete dataset.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from webdataset.writer import TarWriter
+
+from .sources import MANIFEST
+from .transforms import IMAGE_EXTENSIONS
+
+DIGITS = "digits"
+
+
+class ShardsError(ValueError):
+    """A user's mistake in what to write (missing source, empty class, existing output)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    label: int
+    ext: str
+    source: str  # file path, or "digits:<index>"
+    pixels: bytes = b""  # digits only: 8x8 uint8 grey values, encoded as PNG by the writer
+
+
+@dataclass
+class ShardJob:
+    name: str
+    split: str
+    items: list[Item] = field(default_factory=list)
+
+
+def digits_items() -> tuple[list[str], list[Item]]:
+    """scikit-learn's 1,797 handwritten 8x8 digits (shipped with the package: no download)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    items = []
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        grey = bytes(int(round(v * 255 / 16)) for v in image.reshape(-1))  # 0..16 -> 0..255
+        items.append(Item("", int(label), "png", f"{DIGITS}:{index}", grey))
+    return [str(d) for d in range(10)], items
+
+
+def folder_items(root: Path) -> tuple[list[str], list[Item]]:
+    """ImageNet's layout: ``root/<class>/**/<image>``; classes sorted by name."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ShardsError(f"source '{root}' has no class subfolders; expected <source>/<class>/<image>")
+    items, ignored = [], 0
+    for label, name in enumerate(classes):
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(root / name):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+                if ext not in IMAGE_EXTENSIONS:
+                    ignored += 1
+                    continue
+                items.append(Item("", label, ext, os.path.join(dirpath, filename)))
+                found += 1
+        if not found:
+            raise ShardsError(f"class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    if ignored:
+        print(f"make_shards: ignored {ignored} files that are not images", file=sys.stderr)
+    return classes, items
+
+
+def split_items(items: list[Item], val_fraction: float, seed: int) -> dict[str, list[Item]]:
+    """Per-class seeded split, then a seeded shuffle across classes; keys name split and rank."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[Item]] = {}
+    for item in items:
+        by_class.setdefault(item.label, []).append(item)
+    splits: dict[str, list[Item]] = {"train": [], "val": []}
+    for label in sorted(by_class):
+        members = by_class[label]
+        rng.shuffle(members)
+        n_val = round(len(members) * val_fraction)
+        splits["val"].extend(members[:n_val])
+        splits["train"].extend(members[n_val:])
+    for name, members in splits.items():
+        rng.shuffle(members)
+        splits[name] = [Item(f"{name}-{i:07d}", m.label, m.ext, m.source, m.pixels) for i, m in enumerate(members)]
+    return splits
+
+
+def plan(splits: dict[str, list[Item]], shard_size: int) -> list[ShardJob]:
+    jobs = []
+    for split, members in splits.items():
+        for number, start in enumerate(range(0, len(members), shard_size)):
+            jobs.append(ShardJob(f"{split}-{number:06d}.tar", split, members[start:start + shard_size]))
+    return jobs
+
+
+def _image_bytes(item: Item) -> bytes:
+    if not item.source.startswith(f"{DIGITS}:"):
+        return Path(item.source).read_bytes()  # untouched
+    import torch
+    from torchvision.io import encode_png
+
+    return encode_png(torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(1, 8, 8)).numpy().tobytes()
+
+
+def write_shard(job: ShardJob, out_dir: str, classes: list[str]) -> tuple[str, int]:
+    """Write one shard under a temporary name, then rename it; returns (name, samples)."""
+    final = Path(out_dir) / job.name
+    tmp = final.with_name(final.name + ".tmp")
+    with open(tmp, "wb") as stream, TarWriter(stream, encoder=False, mtime=0) as writer:
+        for item in job.items:
+            meta = {"label": item.label, "class": classes[item.label], "source": item.source}
+            writer.write({"__key__": item.key, item.ext: _image_bytes(item), "cls": str(item.label).encode(),
+                          "json": json.dumps(meta).encode()})
+    os.replace(tmp, final)
+    return job.name, len(job.items)
+
+
+def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fraction: float = 0.1,
+                 workers: int = 1, seed: int = 0, overwrite: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write train/val shards of ``source`` (a folder or ``digits``) into ``out``; return the manifest.
+
+    ``progress(done, total)`` is called as shards complete (samples done so far, all samples).
+    """
+    if shard_size < 1:
+        raise ShardsError(f"--shard-size must be >= 1, got {shard_size}")
+    if not 0 <= val_fraction < 1:
+        raise ShardsError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise ShardsError(f"--workers must be >= 1, got {workers}")
+    out = Path(out)
+    if source == DIGITS:
+        classes, items = digits_items()
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise ShardsError(f"source '{source}' is not a directory (or the word '{DIGITS}')")
+        classes, items = folder_items(root)
+    if (out / MANIFEST).exists() and not overwrite:
+        raise ShardsError(f"'{out}' already holds a dataset ({MANIFEST}); pass --overwrite or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
+        stale.unlink(missing_ok=True)
+
+    jobs = plan(split_items(items, val_fraction, seed), shard_size)
+    counts, done = {}, 0
+    if workers == 1:
+        for job in jobs:
+            name, n = write_shard(job, str(out), classes)
+            counts[name], done = n, done + n
+            if progress:
+                progress(done, len(items))
+    else:
+        # spawn: the parent may hold threads (torch); workers import only what they need
+        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(write_shard, job, str(out), classes) for job in jobs]
+            for future in as_completed(futures):
+                name, n = future.result()
+                counts[name], done = n, done + n
+                if progress:
+                    progress(done, len(items))
+
+    manifest = {
+        "version": 1,
+        "source": source,
+        "seed": seed,
+        "val_fraction": val_fraction,
+        "shard_size": shard_size,
+        "classes": classes,
+        "splits": {},
+        "shards": [{"name": job.name, "split": job.split, "num_samples": counts[job.name]} for job in jobs],
+    }
+    for split in ("train", "val"):
+        names = [job.name for job in jobs if job.split == split]
+        if names:
+            manifest["splits"][split] = {
+                "num_samples": sum(counts[n] for n in names), "num_shards": len(names),
+                "pattern": f"{split}-{{000000..{len(names) - 1:06d}}}.tar"}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest

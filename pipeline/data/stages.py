@@ -1,0 +1,230 @@
+"""The stages of a worker's pipeline, as named picklable callables (no lambdas: workers may spawn).
+
+A stage takes the iterator of the stage before it and returns a new one (webdataset's
+convention), so ``webdataset.DataPipeline(stage1, stage2, ...)`` composes them. The order and
+the reasons are in ``loader.py``; this module holds the pieces.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from itertools import islice
+
+import torch
+import webdataset as wds
+
+from .partition import Segment, mix_seed
+from .sources import DataError
+from .tar_skip import read_range
+from .transforms import IMAGE_EXTENSIONS, NormalizeBatch, decode
+
+log = logging.getLogger(__name__)
+
+PAD_LABEL = -100  # the label of padding in eval batches: cross_entropy ignores it by default
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; skipped and counted, never fatal by itself."""
+
+    def __init__(self, key: str | None, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key, self.reason = key, reason
+
+
+def seeded_shuffle(bufsize: int, seed: int):
+    """webdataset's shuffle buffer, full before the first pick, with its own seeded generator."""
+    return wds.shuffle(bufsize, initial=bufsize, rng=random.Random(seed))
+
+
+def replayed_positions(length: int, consumed: int, bufsize: int, seed: int) -> set[int]:
+    """Positions of a slice whose samples the first ``consumed`` shuffle outputs were.
+
+    The shuffle's picks depend on the number of items only, never their content, so running it
+    over position numbers reproduces the real run's order without reading a byte.
+    """
+    if consumed <= 0:
+        return set()
+    if consumed >= length:
+        return set(range(length))
+    return set(islice(seeded_shuffle(bufsize, seed)(iter(range(length))), consumed))
+
+
+class SliceReader:
+    """Source stage: one raw item per position of a slice (see ``tar_skip.read_range``)."""
+
+    def __init__(self, urls: list[str], offsets: tuple[int, ...], segments: list[Segment],
+                 replayed: set[int] = frozenset()):
+        self.urls, self.offsets, self.segments, self.replayed = urls, offsets, segments, replayed
+
+    def __call__(self) -> Iterator[dict]:
+        base = 0  # position of the segment's first sample inside the slice
+        for seg in self.segments:
+            skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
+            yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
+                                  first_id=self.offsets[seg.shard])
+            base += len(seg)
+
+
+class Refill:
+    """Pass the stream through; if pulled beyond its end, repeat the slice's good samples.
+
+    Bad samples leave a slice short of its planned batches, and every rank must run the same
+    number of steps, so the shortfall is filled with repeats (logged), at most ``passes`` times
+    over the slice. Only pulled when the stream ran short: clean data never reads it.
+    """
+
+    def __init__(self, reader: SliceReader, where: str, passes: int = 2):
+        self.reader, self.where, self.passes = reader, where, passes
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        yield from src
+        log.warning("%s: bad samples left the slice short; filling its last batches with repeats",
+                    self.where)
+        for repeat in range(1, self.passes + 1):
+            for item in self.reader():
+                if "__bad__" not in item:  # already counted in the first pass
+                    item["__refill__"] = repeat
+                    yield item
+
+
+class DropConsumed:
+    """Number the items (``__n__``: items consumed up to this one) and drop the first ``consumed``.
+
+    On a resume those are exactly the placeholders of ``replayed_positions``; anything else means
+    the replay diverged, which is a bug, not bad data.
+    """
+
+    def __init__(self, consumed: int):
+        self.consumed = consumed
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        for n, item in enumerate(src, 1):
+            if n <= self.consumed:
+                if not ("__skip__" in item or "__bad__" in item or "__refill__" in item):
+                    raise RuntimeError(f"resume replay diverged at item {n} ({item.get('__key__')})")
+                continue
+            item["__n__"] = n
+            yield item
+
+
+class DecodeSample:
+    """Raw sample -> {"image": uint8 (C, H, W), "label": int}; BadSample when it cannot be used.
+
+    With ``seed`` set, the augmentation of each sample is seeded by (seed, epoch, sample id), so
+    it does not depend on which worker decodes it nor on where a resume started.
+    """
+
+    def __init__(self, transform, num_channels: int, seed: int | None = None, epoch: int = 0):
+        self.transform, self.num_channels, self.seed, self.epoch = transform, num_channels, seed, epoch
+
+    def __call__(self, sample: dict) -> dict:
+        key = sample.get("__key__")
+        if "__bad__" in sample:
+            raise BadSample(key, sample["__bad__"])
+        if "__skip__" in sample:
+            raise RuntimeError(f"placeholder {key} reached the decoder: resume replay is broken")
+        if "cls" not in sample:
+            raise BadSample(key, "missing label ('.cls')")
+        try:
+            label = int(sample["cls"])
+        except ValueError:
+            raise BadSample(key, f"label {sample['cls'][:20]!r} is not an integer") from None
+        ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+        if ext is None:
+            raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})")
+        if self.seed is not None:
+            torch.default_generator.manual_seed(
+                mix_seed(self.seed, self.epoch, sample["__sid__"], sample.get("__refill__", 0)))
+        try:
+            image = self.transform(decode(sample[ext], self.num_channels))
+        except Exception as error:
+            raise BadSample(key, f"image does not decode ({type(error).__name__}: {error})") from None
+        return {"image": image, "label": label, "__n__": sample.get("__n__", 0)}
+
+
+class SkipBad:
+    """webdataset error handler: skip BadSample (log rate-limited), re-raise anything else."""
+
+    def __init__(self, where: str, interval_s: float = 30.0):
+        self.where, self.interval_s = where, interval_s
+        self.count, self.logged_at, self.unlogged = 0, float("-inf"), 0
+
+    def __call__(self, error: Exception) -> bool:
+        if not isinstance(error, BadSample):
+            raise error
+        self.count += 1
+        now = time.monotonic()
+        if self.count <= 3 or now - self.logged_at >= self.interval_s:
+            more = f" (+{self.unlogged} more not shown)" if self.unlogged else ""
+            log.warning("%s: skipping bad sample %s%s; %d skipped here so far", self.where, error, more,
+                        self.count)
+            self.logged_at, self.unlogged = now, 0
+        else:
+            self.unlogged += 1
+        return True
+
+
+class TrainBatches:
+    """Exactly ``count`` batches of ``batch_size`` good samples, collated and normalized.
+
+    ``skipped`` is the number of bad samples consumed since the previous batch; ``consumed``
+    (items consumed so far in this slice) is what the loader's state needs to resume.
+    """
+
+    def __init__(self, batch_size: int, count: int, *, epoch: int, first_index: int, stride: int,
+                 slot: int, consumed: int, normalize: NormalizeBatch, where: str):
+        self.batch_size, self.count, self.epoch = batch_size, count, epoch
+        self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
+        self.normalize, self.where = normalize, where
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        previous = self.consumed
+        for k in range(self.count):
+            samples = list(islice(src, self.batch_size))  # pulls exactly one batch, never more
+            if len(samples) < self.batch_size:
+                raise DataError(f"{self.where}: no decodable samples left for batch {k} of epoch "
+                                f"{self.epoch}; the shards are mostly bad, check the warnings above")
+            consumed = samples[-1]["__n__"]
+            yield {
+                "image": self.normalize(torch.stack([s["image"] for s in samples])),
+                "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                "key": [s["__key__"] for s in samples],
+                "epoch": self.epoch,
+                "index": self.first_index + k * self.stride,  # batch number within the epoch
+                "skipped": consumed - previous - self.batch_size,
+                "slot": self.slot,
+                "consumed": consumed,
+            }
+            previous = consumed
+
+
+class EvalBatches:
+    """``count`` batches of ``batch_size``; the slots after the last good sample are padding."""
+
+    def __init__(self, batch_size: int, count: int, *, total: int, first_index: int, stride: int,
+                 normalize: NormalizeBatch, image_shape: tuple[int, int, int]):
+        self.batch_size, self.count, self.first_index, self.stride = batch_size, count, first_index, stride
+        self.total = total  # items (good or bad) in the slice: the last batch accounts for all of them
+        self.normalize, self.image_shape = normalize, image_shape
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        previous = 0
+        for k in range(self.count):
+            samples = list(islice(src, self.batch_size))
+            # The last good sample tells how many items (good or bad) were consumed so far.
+            consumed = samples[-1]["__n__"] if samples else previous
+            if k == self.count - 1:
+                consumed = self.total
+            pad = self.batch_size - len(samples)
+            images = [s["image"] for s in samples] + [torch.zeros(self.image_shape, dtype=torch.uint8)] * pad
+            yield {
+                "image": self.normalize(torch.stack(images)),
+                "label": torch.tensor([s["label"] for s in samples] + [PAD_LABEL] * pad, dtype=torch.long),
+                "valid": torch.tensor([True] * len(samples) + [False] * pad),
+                "key": [s["__key__"] for s in samples] + [""] * pad,
+                "index": self.first_index + k * self.stride,
+                "skipped": consumed - previous - len(samples),
+            }
+            previous = consumed

@@ -1,0 +1,212 @@
+"""The training stream with real webdataset shards, real DataLoader workers and real rank processes."""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torchvision.io import encode_png
+from webdataset.writer import TarWriter
+
+from pipeline.config import DataConfig
+from pipeline.data import DataError, LedgerWriter, build_eval_loader, build_train_loader, read_ledger
+
+COUNTS = (9, 4, 13, 7, 11, 3, 6)  # 53 samples in 7 uneven shards
+
+
+def png(index: int) -> bytes:
+    """An 8x8 grey image that differs for every index."""
+    g = torch.Generator().manual_seed(index)
+    return encode_png(torch.randint(0, 256, (1, 8, 8), dtype=torch.uint8, generator=g)).numpy().tobytes()
+
+
+def write_tiny_shards(root: Path, counts=COUNTS, prefix: str = "train", manifest: bool = True,
+                      corrupt: dict | None = None) -> str:
+    """Shards ``<prefix>-00000k.tar`` with keys ``s<shard>-<pos>``; returns the brace pattern.
+
+    ``corrupt`` maps a key to "image" (undecodable bytes), "nolabel" or "badlabel".
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    corrupt = corrupt or {}
+    index = 0
+    for shard, count in enumerate(counts):
+        with TarWriter(str(root / f"{prefix}-{shard:06d}.tar"), encoder=False, mtime=0) as writer:
+            for pos in range(count):
+                key = f"s{shard}-{pos:03d}"
+                sample = {"__key__": key, "png": png(index), "cls": str(index % 10).encode()}
+                kind = corrupt.get(key)
+                if kind == "image":
+                    sample["png"] = b"\x89PNG not really"
+                elif kind == "nolabel":
+                    del sample["cls"]
+                elif kind == "badlabel":
+                    sample["cls"] = b"seven"
+                writer.write(sample)
+                index += 1
+    if manifest:
+        shards = [{"name": f"{prefix}-{i:06d}.tar", "split": prefix, "num_samples": c} for i, c in enumerate(counts)]
+        (root / "manifest.json").write_text(json.dumps({"version": 1, "classes": [str(d) for d in range(10)],
+                                                        "shards": shards}))
+    return str(root / f"{prefix}-{{000000..{len(counts) - 1:06d}}}.tar")
+
+
+def all_keys(counts=COUNTS) -> set[str]:
+    return {f"s{s}-{p:03d}" for s, c in enumerate(counts) for p in range(c)}
+
+
+def data_cfg(pattern: str, **kw) -> DataConfig:
+    base = dict(train_shards=pattern, batch_size=4, num_workers=2, shuffle_buffer=8, augment="rrc",
+                crop_scale=[0.5, 1.0], hflip=True, mean=[0.5], std=[0.5], max_bad_fraction=0.0)
+    return DataConfig(**{**base, **kw})
+
+
+def take(loader, n: int) -> list[dict]:
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def build(cfg, rank=0, world_size=2, seed=0):
+    return build_train_loader(cfg, image_size=8, num_channels=1, seed=seed, rank=rank, world_size=world_size)
+
+
+# --- 2 ranks x 2 workers, real processes -----------------------------------------------------------
+
+def _rank_main(rank: int, pattern: str, out: str, steps: int) -> None:
+    # A spawned child would spawn its DataLoader workers too (slow); torchrun's ranks fork them.
+    mp.set_start_method("fork", force=True)
+    loader = build(data_cfg(pattern), rank=rank, world_size=2)
+    with LedgerWriter(out, rank) as ledger:
+        for step, batch in enumerate(take(loader, steps)):
+            ledger.write(step, batch["key"])
+    Path(out, f"steps{rank}.json").write_text(json.dumps(loader.steps_per_epoch))
+
+
+def test_two_ranks_two_workers_every_sample_once_per_epoch(tmp_path):
+    pattern = write_tiny_shards(tmp_path / "shards")
+    steps_per_epoch = 53 // 8  # 6 steps of 2 x 4; 5 samples left out per epoch
+    epochs = 3
+    mp.start_processes(_rank_main, args=(pattern, str(tmp_path / "run"), epochs * steps_per_epoch),
+                       nprocs=2, start_method="spawn")
+    assert [json.loads((tmp_path / "run" / f"steps{r}.json").read_text()) for r in range(2)] == [6, 6]
+    ledger = read_ledger(tmp_path / "run")
+    assert sorted(ledger) == [0, 1] and all(len(ledger[r]) == epochs * steps_per_epoch for r in range(2))
+    epoch_keys = []
+    for epoch in range(epochs):
+        keys = [k for r in range(2) for s in range(epoch * 6, epoch * 6 + 6) for k in ledger[r][s]]
+        assert len(keys) == len(set(keys)) == 48 and set(keys) <= all_keys()
+        epoch_keys.append(keys)
+    assert epoch_keys[0] != epoch_keys[1]  # reshuffled every epoch
+    # The stream is a function of (seed, epoch, world size, workers): this process sees the same.
+    in_process = [b["key"] for b in take(build(data_cfg(pattern), rank=1), 6)]
+    assert in_process == [ledger[1][s] for s in range(6)]
+
+
+# --- determinism and resume (ranks as parameters, real DataLoader workers) --------------------------
+
+def test_same_seed_same_stream_different_seed_different(tmp_path):
+    pattern = write_tiny_shards(tmp_path)
+    a = take(build(data_cfg(pattern), seed=5), 8)
+    b = take(build(data_cfg(pattern), seed=5), 8)
+    c = take(build(data_cfg(pattern), seed=6), 8)
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert [x["key"] for x in a] != [x["key"] for x in c]
+    assert a[0]["image"].shape == (4, 1, 8, 8) and a[0]["image"].dtype == torch.float32
+    assert a[0]["label"].dtype == torch.long and [x["epoch"] for x in a] == [0] * 6 + [1] * 2
+
+
+@pytest.mark.parametrize("stop_at", [3, 6, 7])  # mid-epoch (odd: worker 1 is next), at a boundary, past it
+def test_restored_state_continues_the_stream_exactly(tmp_path, stop_at):
+    pattern = write_tiny_shards(tmp_path)
+    full = take(build(data_cfg(pattern), rank=1), 14)
+    first = build(data_cfg(pattern), rank=1)
+    head = take(first, stop_at)
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    assert state["world_size"] == 2 and state["num_workers"] == 2
+    resumed = build(data_cfg(pattern), rank=1)
+    resumed.set_state(state)
+    tail = take(resumed, 14 - stop_at)
+    for a, b in zip(full, head + tail):
+        assert a["key"] == b["key"] and a["epoch"] == b["epoch"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_resume_decodes_only_what_it_delivers(tmp_path, monkeypatch):
+    from pipeline.data import stages
+
+    pattern = write_tiny_shards(tmp_path)
+    cfg = data_cfg(pattern, num_workers=0)  # decoding in this process, where it can be counted
+    first = build(cfg)
+    take(first, 4)
+    state = first.state_dict()
+    calls = Counter()
+    real = stages.decode
+
+    def counting_decode(data, channels):
+        calls["n"] += 1
+        return real(data, channels)
+
+    monkeypatch.setattr(stages, "decode", counting_decode)
+    resumed = build(cfg)
+    resumed.set_state(state)
+    take(resumed, 2)
+    assert calls["n"] == 2 * 4  # the 4 x 4 replayed samples were never decoded
+
+
+def test_world_size_change_resumes_at_next_epoch(tmp_path, caplog):
+    pattern = write_tiny_shards(tmp_path)
+    old = build(data_cfg(pattern), rank=0, world_size=2)
+    take(old, 2)
+    state = old.state_dict()
+    new = build(data_cfg(pattern), rank=0, world_size=1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.loader"):
+        new.set_state(state)
+    assert new.skipped_on_resume == 53 - 2 * 8
+    assert "world_size 2 -> 1" in caplog.text and "skipping 37 samples" in caplog.text
+    batches = take(new, new.steps_per_epoch)
+    assert new.steps_per_epoch == 13 and all(b["epoch"] == 1 for b in batches)
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == len(set(keys)) == 52
+
+
+def test_pipe_urls_and_shards_without_manifest(tmp_path):
+    pattern = write_tiny_shards(tmp_path / "a")
+    piped = [f"pipe:cat {tmp_path}/a/train-{i:06d}.tar" for i in range(7)]
+    assert [b["key"] for b in take(build(data_cfg(piped)), 7)] == [b["key"] for b in take(build(data_cfg(pattern)), 7)]
+    bare = write_tiny_shards(tmp_path / "b", manifest=False)  # counted from tar headers
+    assert build(data_cfg(bare)).steps_per_epoch == 6
+    two_sources = build(data_cfg([pattern, bare]))  # several sources: one index space
+    assert two_sources.steps_per_epoch == 106 // 8
+
+
+def test_missing_shard_is_named_before_training(tmp_path):
+    pattern = write_tiny_shards(tmp_path)
+    missing = str(tmp_path / "train-000009.tar")
+    with pytest.raises(DataError, match="train-000009.tar' does not exist"):
+        build(data_cfg([pattern, missing]))
+    (tmp_path / "other-000000.tar").write_bytes((tmp_path / "train-000000.tar").read_bytes())
+    with pytest.raises(DataError, match="not listed in the manifest"):
+        build(data_cfg(str(tmp_path / "other-000000.tar")))
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        build(data_cfg(pattern, batch_size=64))
+
+
+def test_eval_loader_pads_to_equal_batches(tmp_path):
+    pattern = write_tiny_shards(tmp_path, prefix="val")
+    cfg = data_cfg(str(tmp_path / "nothing.tar"), val_shards=pattern, eval_batch_size=4, crop_pct=1.0)
+    keys, batches = [], []
+    for rank in range(2):
+        loader = build_eval_loader(cfg, image_size=8, num_channels=1, rank=rank, world_size=2)
+        got = list(loader)
+        batches.append(len(got))
+        for b in got:
+            assert b["image"].shape == (4, 1, 8, 8) and b["valid"].dtype == torch.bool
+            assert (b["label"][~b["valid"]] == -100).all()
+            keys += [k for k, v in zip(b["key"], b["valid"]) if v]
+    assert batches == [7, 7] == [loader.num_batches] * 2  # ceil(ceil(53 / 2) / 4)
+    assert sorted(keys) == sorted(all_keys())
+    assert build_eval_loader(data_cfg(pattern), image_size=8, num_channels=1, rank=0, world_size=1) is None
