@@ -1,0 +1,68 @@
+"""Task heads on top of ViTModel. For now: image classification from the CLS token (HF's layout)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import ModelConfig
+from pipeline.model.vit import ViTModel, init_vit_weights
+
+
+@dataclass
+class ImageClassifierOutput:
+    """HF's ``ImageClassifierOutput`` fields."""
+
+    loss: Tensor | None  # scalar, only when labels were given
+    logits: Tensor  # (batch, num_labels)
+    hidden_states: tuple[Tensor, ...] | None = None
+    attentions: tuple[Tensor, ...] | None = None
+
+
+class ViTForImageClassification(nn.Module):
+    """ViTModel without pooler, and a linear classifier on the final-LayerNormed CLS token.
+
+    Parameter names match HF (``vit.*``, ``classifier.*``). Only single-label classification is
+    supported: ``labels`` are class indices and the loss is cross-entropy (optionally smoothed).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vit = ViTModel(config, add_pooling_layer=False)  # initialises its own weights
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        init_vit_weights(self.classifier, config.initializer_range)
+
+    def set_activation_checkpointing(self, spec: str) -> None:
+        """"none", "all" or "every-K"; see ModelConfig.activation_checkpointing."""
+        self.vit.set_activation_checkpointing(spec)
+        self.config = dataclasses.replace(self.config, activation_checkpointing=spec)
+
+    def prune_heads(self, heads_to_prune: dict[int, Iterable[int]]) -> None:
+        self.vit.prune_heads(heads_to_prune)
+
+    def forward(self, pixel_values: Tensor, head_mask: Tensor | None = None, labels: Tensor | None = None,
+                output_attentions: bool = False, output_hidden_states: bool = False,
+                interpolate_pos_encoding: bool = False, label_smoothing: float = 0.0) -> ImageClassifierOutput:
+        outputs = self.vit(pixel_values, head_mask=head_mask, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states,
+                           interpolate_pos_encoding=interpolate_pos_encoding)
+        logits = self.classifier(outputs.last_hidden_state[:, 0])  # (batch, num_labels) from the CLS token
+        loss = None
+        if labels is not None:
+            if labels.is_floating_point():
+                raise ValueError("labels must be class indices (an integer tensor); "
+                                 "regression and multi-label targets are not supported")
+            # fp32 loss: a bf16/fp16 log-softmax over many classes loses precision
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
+                                   label_smoothing=label_smoothing)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
+
+
+def build_model(cfg: ModelConfig) -> ViTForImageClassification:
+    """The classification ViT described by ``cfg`` (model section of the config), randomly initialised."""
+    return ViTForImageClassification(cfg)
