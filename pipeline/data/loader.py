@@ -4,8 +4,8 @@ The training stream is a pure function of (seed, epoch, world size, workers); se
 ``partition.py`` for who reads what. Each DataLoader worker runs, per slice of an epoch:
 
     raw samples of the slice (tar headers, no decode) -> seeded shuffle buffer
-    -> refill if bad samples left it short -> drop what a resume already consumed
-    -> decode + augment (bad samples skipped and counted) -> exact batches
+    -> drop what a resume already consumed -> decode + augment (bad samples skipped and
+    counted) -> repeats if bad samples left the slice short -> exact batches
 
 The DataLoader hands worker batches out round-robin and in order, so the loader's state is
 just (epoch, batches consumed by this rank) plus, per slot, how many items it consumed (equal to
@@ -87,14 +87,14 @@ class TrainStream(IterableDataset):
             reader,
             # seeded shuffle buffer per (seed, epoch, rank, slot); undecoded bytes, so skipping stays cheap
             seeded_shuffle(self.shuffle_buffer, shuffle_seed),
-            # only pulled when bad samples left the slice short: repeat good samples (logged)
-            Refill(SliceReader(self.urls, layout.shard_offsets, segments), where),
-            # number the items; drop those a resumed run already consumed (all placeholders)
-            DropConsumed(consumed),
+            # number the items 1..length; drop those a resumed run already consumed (all placeholders)
+            DropConsumed(min(consumed, length)),
             # decode + augment (seeded per sample); bad samples are skipped, counted and logged
             wds.map(decode, handler=SkipBad(where)),
+            # only pulled when bad samples left the slice short: repeat good samples (logged)
+            Refill(SliceReader(self.urls, layout.shard_offsets, segments), decode, length, consumed, where),
             # exactly the slot's remaining batches, collated and normalized in the worker
-            TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, epoch=epoch,
+            TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
                          slot=slot, consumed=consumed, normalize=self.decoding.normalize, where=where),
         ))

@@ -68,25 +68,36 @@ class SliceReader:
 
 
 class Refill:
-    """Pass the stream through; if pulled beyond its end, repeat the slice's good samples.
+    """Pass the decoded stream through; if pulled beyond its end, repeat the slice's good samples.
 
     Bad samples leave a slice short of its planned batches, and every rank must run the same
     number of steps, so the shortfall is filled with repeats (logged), at most ``passes`` times
-    over the slice. Only pulled when the stream ran short: clean data never reads it.
+    over the slice. Repeats are numbered ``length + 1, length + 2, ...`` (raw items of the
+    repeat passes), so a resume inside this phase skips ``consumed - length`` of them; their
+    failures were counted in the first pass and are not counted again. Clean data never gets here.
     """
 
-    def __init__(self, reader: SliceReader, where: str, passes: int = 2):
-        self.reader, self.where, self.passes = reader, where, passes
+    def __init__(self, reader: SliceReader, decode: DecodeSample, length: int, consumed: int, where: str,
+                 passes: int = 2):
+        self.reader, self.decode, self.length, self.where, self.passes = reader, decode, length, where, passes
+        self.skip = max(0, consumed - length)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         yield from src
-        log.warning("%s: bad samples left the slice short; filling its last batches with repeats",
-                    self.where)
+        log.warning("%s: bad samples left the slice short; filling its last batches with repeats", self.where)
+        n = self.length
         for repeat in range(1, self.passes + 1):
             for item in self.reader():
-                if "__bad__" not in item:  # already counted in the first pass
-                    item["__refill__"] = repeat
-                    yield item
+                n += 1
+                if n <= self.length + self.skip or "__bad__" in item:
+                    continue
+                item["__refill__"] = repeat
+                try:
+                    sample = self.decode(item)
+                except BadSample:
+                    continue
+                sample["__n__"], sample["__key__"] = n, item["__key__"]
+                yield sample
 
 
 class DropConsumed:
@@ -102,7 +113,7 @@ class DropConsumed:
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for n, item in enumerate(src, 1):
             if n <= self.consumed:
-                if not ("__skip__" in item or "__bad__" in item or "__refill__" in item):
+                if not ("__skip__" in item or "__bad__" in item):
                     raise RuntimeError(f"resume replay diverged at item {n} ({item.get('__key__')})")
                 continue
             item["__n__"] = n
@@ -156,7 +167,7 @@ class SkipBad:
             raise error
         self.count += 1
         now = time.monotonic()
-        if self.count <= 3 or now - self.logged_at >= self.interval_s:
+        if self.count <= 5 or now - self.logged_at >= self.interval_s:
             more = f" (+{self.unlogged} more not shown)" if self.unlogged else ""
             log.warning("%s: skipping bad sample %s%s; %d skipped here so far", self.where, error, more,
                         self.count)
@@ -169,13 +180,14 @@ class SkipBad:
 class TrainBatches:
     """Exactly ``count`` batches of ``batch_size`` good samples, collated and normalized.
 
-    ``skipped`` is the number of bad samples consumed since the previous batch; ``consumed``
-    (items consumed so far in this slice) is what the loader's state needs to resume.
+    ``skipped`` is the number of bad items of the slice's first pass (numbers up to ``length``)
+    consumed since the previous batch; ``consumed`` (the number of the batch's last item) is what
+    the loader's state needs to resume.
     """
 
-    def __init__(self, batch_size: int, count: int, *, epoch: int, first_index: int, stride: int,
+    def __init__(self, batch_size: int, count: int, *, length: int, epoch: int, first_index: int, stride: int,
                  slot: int, consumed: int, normalize: NormalizeBatch, where: str):
-        self.batch_size, self.count, self.epoch = batch_size, count, epoch
+        self.batch_size, self.count, self.length, self.epoch = batch_size, count, length, epoch
         self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
         self.normalize, self.where = normalize, where
 
@@ -187,13 +199,15 @@ class TrainBatches:
                 raise DataError(f"{self.where}: no decodable samples left for batch {k} of epoch "
                                 f"{self.epoch}; the shards are mostly bad, check the warnings above")
             consumed = samples[-1]["__n__"]
+            first_pass = sum(1 for s in samples if s["__n__"] <= self.length)
+            skipped = min(consumed, self.length) - min(previous, self.length) - first_pass
             yield {
                 "image": self.normalize(torch.stack([s["image"] for s in samples])),
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
                 "key": [s["__key__"] for s in samples],
                 "epoch": self.epoch,
                 "index": self.first_index + k * self.stride,  # batch number within the epoch
-                "skipped": consumed - previous - self.batch_size,
+                "skipped": skipped,
                 "slot": self.slot,
                 "consumed": consumed,
             }

@@ -100,5 +100,5 @@ def read_range(url: str, start: int, stop: int, *, skip: Container[int] = (), fi
             tar.close()
         if stream is not None:
             stream.close()
-    for _ in range(emitted, stop - start):
-        yield {"__key__": None, "__bad__": f"{reason}: {url}"}
+    for missing in range(start + emitted, stop):
+        yield {"__key__": f"{url}#{missing}", "__bad__": reason}
