@@ -7,6 +7,7 @@ The training stream is a pure function of (seed, epoch, world size, workers); se
     -> drop what a resume already consumed -> decode + augment (bad samples skipped and
     counted) -> repeats if bad samples left the slice short -> exact batches
 
+Workers ship uint8 batches; the main process normalizes them (into pinned memory when asked).
 The DataLoader hands worker batches out round-robin and in order, so the loader's state is
 just (epoch, batches consumed by this rank) plus, per slot, how many items it consumed (equal to
 batches x batch size unless bad samples were skipped). Iterating a TrainLoader is infinite:
@@ -93,10 +94,10 @@ class TrainStream(IterableDataset):
             wds.map(decode, handler=SkipBad(where)),
             # only pulled when bad samples left the slice short: repeat good samples (logged)
             Refill(SliceReader(self.urls, layout.shard_offsets, segments), decode, length, consumed, where),
-            # exactly the slot's remaining batches, collated and normalized in the worker
+            # exactly the slot's remaining batches, collated in the worker (uint8; normalized by the loader)
             TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
-                         slot=slot, consumed=consumed, normalize=self.decoding.normalize, where=where),
+                         slot=slot, consumed=consumed, where=where),
         ))
 
 
@@ -108,7 +109,8 @@ class TrainLoader:
     """
 
     def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool, max_bad_fraction: float):
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.stream, self.num_workers = stream, num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.max_bad_fraction = max_bad_fraction
         self.layout = stream.layout
         self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
@@ -151,8 +153,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         lay = self.layout
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            in_order=True, persistent_workers=False)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True)
         expected = self.epoch * lay.steps_per_epoch + self.batches
         iterator = iter(loader)
         while True:
@@ -166,6 +167,7 @@ class TrainLoader:
                                    f"expected global batch {expected}")
             expected += 1
             self._account(batch, slot, consumed)
+            batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
             yield batch
 
     def _account(self, batch: dict, slot: int, consumed: int) -> None:
@@ -207,8 +209,7 @@ class EvalStream(IterableDataset):
             wds.map(decode, handler=SkipBad(where)),
             # the slot's batches, padded after the last sample (batch["valid"] marks real ones)
             EvalBatches(lay.batch_size, lay.slot_batches(slot), total=sum(len(s) for s in segments),
-                        first_index=slot, stride=lay.num_slots, normalize=self.decoding.normalize,
-                        image_shape=self.image_shape),
+                        first_index=slot, stride=lay.num_slots, image_shape=self.image_shape),
         ))
 
 
@@ -216,7 +217,8 @@ class EvalLoader:
     """One pass per ``iter()``: ``num_batches`` batches on every rank, with ``batch["valid"]``."""
 
     def __init__(self, stream: EvalStream, *, num_workers: int, pin_memory: bool):
-        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.stream, self.num_workers = stream, num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.num_batches = stream.layout.num_batches
         self.num_samples = stream.layout.num_samples
         self.skipped = 0  # bad samples in the last pass on this rank
@@ -225,13 +227,13 @@ class EvalLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, in_order=True)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True)
         self.skipped = 0
         for expected, batch in enumerate(loader):
             if batch["index"] != expected:
                 raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
             self.skipped += batch["skipped"]
+            batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
             yield batch
 
 

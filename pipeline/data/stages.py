@@ -14,11 +14,12 @@ from itertools import islice
 
 import torch
 import webdataset as wds
+from torch.utils.data import default_collate
 
 from .partition import Segment, mix_seed
 from .sources import DataError
 from .tar_skip import read_range
-from .transforms import IMAGE_EXTENSIONS, NormalizeBatch, decode
+from .transforms import IMAGE_EXTENSIONS, decode
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ class SkipBad:
 
 
 class TrainBatches:
-    """Exactly ``count`` batches of ``batch_size`` good samples, collated and normalized.
+    """Exactly ``count`` batches of ``batch_size`` good samples, collated (uint8).
 
     ``skipped`` is the number of bad items of the slice's first pass (numbers up to ``length``)
     consumed since the previous batch; ``consumed`` (the number of the batch's last item) is what
@@ -186,10 +187,10 @@ class TrainBatches:
     """
 
     def __init__(self, batch_size: int, count: int, *, length: int, epoch: int, first_index: int, stride: int,
-                 slot: int, consumed: int, normalize: NormalizeBatch, where: str):
+                 slot: int, consumed: int, where: str):
         self.batch_size, self.count, self.length, self.epoch = batch_size, count, length, epoch
         self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
-        self.normalize, self.where = normalize, where
+        self.where = where
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         previous = self.consumed
@@ -202,7 +203,8 @@ class TrainBatches:
             first_pass = sum(1 for s in samples if s["__n__"] <= self.length)
             skipped = min(consumed, self.length) - min(previous, self.length) - first_pass
             yield {
-                "image": self.normalize(torch.stack([s["image"] for s in samples])),
+                # default_collate stacks straight into shared memory inside a worker (one copy less)
+                "image": default_collate([s["image"] for s in samples]),  # uint8: the loader normalizes
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
                 "key": [s["__key__"] for s in samples],
                 "epoch": self.epoch,
@@ -218,10 +220,10 @@ class EvalBatches:
     """``count`` batches of ``batch_size``; the slots after the last good sample are padding."""
 
     def __init__(self, batch_size: int, count: int, *, total: int, first_index: int, stride: int,
-                 normalize: NormalizeBatch, image_shape: tuple[int, int, int]):
+                 image_shape: tuple[int, int, int]):
         self.batch_size, self.count, self.first_index, self.stride = batch_size, count, first_index, stride
         self.total = total  # items (good or bad) in the slice: the last batch accounts for all of them
-        self.normalize, self.image_shape = normalize, image_shape
+        self.image_shape = image_shape
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         previous = 0
@@ -234,7 +236,7 @@ class EvalBatches:
             pad = self.batch_size - len(samples)
             images = [s["image"] for s in samples] + [torch.zeros(self.image_shape, dtype=torch.uint8)] * pad
             yield {
-                "image": self.normalize(torch.stack(images)),
+                "image": default_collate(images),  # uint8: the loader normalizes
                 "label": torch.tensor([s["label"] for s in samples] + [PAD_LABEL] * pad, dtype=torch.long),
                 "valid": torch.tensor([True] * len(samples) + [False] * pad),
                 "key": [s["__key__"] for s in samples] + [""] * pad,

@@ -32,6 +32,19 @@ def _open(url: str):
     return stream, tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
 
 
+def _member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, stream) -> bytes:
+    """The member's data; from a seekable uncompressed tar, a direct read at tarfile's offset."""
+    if tar.fileobj is not stream or member.issparse():  # a pipe or a compressed tar
+        return tar.extractfile(member).read()
+    # extractfile() wraps every member in two file objects; a seek + read is the same bytes
+    # (tarfile.next() seeks back to the next header itself).
+    stream.seek(member.offset_data)
+    data = stream.read(member.size)
+    if len(data) != member.size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
+
+
 def _sample_members(tar: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
     """(sample key, extension, member) for every file that belongs to a sample, in tar order."""
     while (member := tar.next()) is not None:
@@ -84,7 +97,7 @@ def read_range(url: str, start: int, stop: int, *, skip: Container[int] = (), fi
                     current = ({"__key__": key, "__skip__": True} if position in skip
                                else {"__key__": key, "__url__": url, "__sid__": first_id + position})
             if current is not None and "__skip__" not in current:
-                current[suffix] = tar.extractfile(member).read()
+                current[suffix] = _member_bytes(tar, member, stream)
         else:
             if current is not None:
                 last, current = current, None

@@ -1,0 +1,178 @@
+"""The ``data`` benchmark: training-loader images/s per worker against a decode+crop ceiling.
+
+Synthetic ImageNet-like JPEGs (about 500x375, textured so that they compress like photos) are
+written into class folders in a temporary directory and sharded with ``make_shards``. Then:
+
+- ceiling: decode + RandomResizedCrop of the same bytes in a tight loop, one thread, no tar,
+  no loader (what a worker could do at best);
+- transform: the full training transform (decode, crop, flip, normalize) in the same loop;
+- loader: the real training loader (tar reading, shuffle buffer, decode, augment, collate,
+  transfer to the main process, normalization there) with 0 (in-process), 1 and 2 workers,
+  timed after the first batch (worker start and the first shuffle-buffer fill excluded), and
+  compared with the mean of the ceilings measured just before and just after it.
+
+Each figure is given per wall-clock second and per CPU second (the CPU time of the process
+doing the work: this thread for the tight loops, the worker processes for the loader, read from
+/proc). On a machine shared with other jobs the wall-clock figures move with the load; the
+CPU-time figures much less. ``per_worker_vs_ceiling`` (CPU time) is the figure of merit
+(goal: >= 0.9).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torchvision.io import decode_image, encode_jpeg
+from torchvision.transforms import v2
+
+from pipeline.config import DataConfig
+from pipeline.data import build_train_loader
+from pipeline.data.shards import write_shards
+from pipeline.data.transforms import NormalizeBatch, decode, train_transform
+
+DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=8.0, seed=0)
+
+
+def synthetic_jpegs(count: int, seed: int, height: int = 375, width: int = 500) -> list[bytes]:
+    """Photo-like JPEGs: smooth colour fields + mid-frequency structure + grain, quality 90."""
+    g = torch.Generator().manual_seed(seed)
+    images = []
+    for _ in range(count):
+        def field(h: int, w: int, scale: float) -> torch.Tensor:
+            coarse = torch.randn(1, 3, h, w, generator=g) * scale
+            return torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+
+        # about 110 KB per image at quality 90, ImageNet's average file size
+        x = 128 + field(4, 5, 50) + field(24, 32, 40) + field(96, 128, 30) + torch.randn(1, 3, height, width,
+                                                                                     generator=g) * 18
+        images.append(encode_jpeg(x.clamp(0, 255).to(torch.uint8)[0], quality=90).numpy().tobytes())
+    return images
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / max(seconds, 1e-9), 1)
+
+
+def children_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of each child process of this one (Linux /proc)."""
+    me, tick, result = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # fields[1]: ppid; [11], [12]: utime, stime
+            result[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    return result
+
+
+def tight_loop(data: list[bytes], step, seconds: float) -> dict:
+    """Images/s of ``step(bytes)`` over ``data`` repeated for about ``seconds`` (one thread)."""
+    done, start, cpu_start = 0, time.perf_counter(), time.thread_time()
+    while time.perf_counter() - start < seconds:
+        for item in data:
+            step(item)
+        done += len(data)
+    return {"images_per_s": _rate(done, time.perf_counter() - start),
+            "images_per_cpu_s": _rate(done, time.thread_time() - cpu_start)}
+
+
+class DecodeCrop:
+    """The ceiling: decode from a bytearray + RandomResizedCrop, nothing else."""
+
+    def __init__(self, size: int):
+        self.crop = v2.RandomResizedCrop(size, antialias=True)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.crop(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+
+
+class FullTransform:
+    """The training transform of the loader, per image (normalize per image here)."""
+
+    def __init__(self, size: int, cfg: DataConfig):
+        self.transform = train_transform((size, size), augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
+                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels)
+        self.normalize = NormalizeBatch(cfg.mean, cfg.std, 3)
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.normalize(self.transform(decode(data, 3))[None])  # the loader normalizes per batch
+
+
+def loader_rate(cfg: DataConfig, size: int, seconds: float) -> dict:
+    loader = build_train_loader(cfg, image_size=size, num_channels=3, seed=0, rank=0, world_size=1)
+    batches = iter(loader)
+    first_start = time.perf_counter()
+    next(batches)  # worker start and the first shuffle-buffer fill
+    first = time.perf_counter() - first_start
+    workers_before, main_before = children_cpu_s(), time.process_time()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        done += len(next(batches)["key"])
+    rate = _rate(done, time.perf_counter() - start)
+    main_cpu = time.process_time() - main_before
+    workers_after = children_cpu_s()
+    worker_cpu = sum(t - workers_before.get(pid, 0.0) for pid, t in workers_after.items())
+    del batches
+    workers = max(1, cfg.num_workers)
+    # Without workers, everything runs in this process: its CPU time is the worker's.
+    per_cpu = _rate(done, worker_cpu) if cfg.num_workers else _rate(done, main_cpu)
+    return {"images_per_s": rate, "images_per_s_per_worker": round(rate / workers, 1),
+            "images_per_worker_cpu_s": per_cpu, "main_process_cpu_ms_per_image": round(1e3 * main_cpu / done, 3),
+            "first_batch_s": round(first, 2), "images_timed": done}
+
+
+def run(args: argparse.Namespace | None = None) -> dict:
+    """Run the benchmark; ``args`` may set images, image_size, batch_size, workers, seconds, seed."""
+    opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ceiling is one worker's: one thread, like a DataLoader worker
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+            jpegs = synthetic_jpegs(opts["images"], opts["seed"])
+            for i, data in enumerate(jpegs):
+                folder = Path(tmp, "src", f"class{i % 4}")
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / f"img{i:05d}.jpg").write_bytes(data)
+            manifest = write_shards(str(Path(tmp, "src")), Path(tmp, "shards"), shard_size=64, val_fraction=0.0)
+            pattern = str(Path(tmp, "shards", manifest["splits"]["train"]["pattern"]))
+            base = DataConfig(train_shards=pattern, batch_size=opts["batch_size"], shuffle_buffer=256,
+                              augment="rrc", hflip=True, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+            size, seconds = opts["image_size"], opts["seconds"]
+            ceiling = tight_loop(jpegs, DecodeCrop(size), seconds)
+            result = {
+                "images": len(jpegs),
+                "mean_jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
+                "image_size": size,
+                "batch_size": opts["batch_size"],
+                "ceiling_decode_crop": ceiling,
+                "transform_tight_loop": tight_loop(jpegs, FullTransform(size, base), seconds),
+                "loader": {},
+            }
+            for workers in opts["workers"]:
+                cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
+                figures = loader_rate(cfg, size, seconds)
+                # The ceiling again right after, so that both see about the same machine load.
+                after = tight_loop(jpegs, DecodeCrop(size), seconds / 2)
+                near = {k: (ceiling[k] + after[k]) / 2 for k in ceiling}
+                figures["per_worker_vs_ceiling"] = round(figures["images_per_worker_cpu_s"]
+                                                         / near["images_per_cpu_s"], 3)
+                figures["per_worker_vs_ceiling_wall"] = round(figures["images_per_s_per_worker"]
+                                                              / near["images_per_s"], 3)
+                result["loader"][f"{workers}_workers"] = figures
+                ceiling = after
+            return result
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=1))
