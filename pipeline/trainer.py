@@ -193,10 +193,11 @@ class Trainer:
             window.elapsed += time.perf_counter() - step_start
             if self.ledger is not None:
                 self.ledger.write(self.step, keys)
+            last_loss = window.last_loss
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                 self._log_train(writer, window, batch["epoch"])
                 window = _Window()
-            bar.update(self.step, loss=window.last_loss, lr=self._lr())
+            bar.update(self.step, loss=last_loss, lr=self._lr())
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
                 self.evaluate(writer)
             if stop:

@@ -3,23 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.outputs import ImageClassifierOutput
 from pipeline.model.vit import ViTModel, init_vit_weights
-
-
-@dataclass
-class ImageClassifierOutput:
-    """HF's ``ImageClassifierOutput`` fields."""
-
-    loss: Tensor | None  # scalar, only when labels were given
-    logits: Tensor  # (batch, num_labels)
-    hidden_states: tuple[Tensor, ...] | None = None
-    attentions: tuple[Tensor, ...] | None = None
 
 
 class ViTForImageClassification(nn.Module):

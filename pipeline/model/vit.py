@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +19,10 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import ModelConfig
 from pipeline.model.activations import get_activation
+from pipeline.model.outputs import ViTModelOutput
 
 
 # --- outputs --------------------------------------------------------------------------------
-
-@dataclass
-class ViTModelOutput:
-    """HF's ``BaseModelOutputWithPooling`` fields."""
-
-    last_hidden_state: Tensor  # (batch, tokens, hidden), after the final LayerNorm
-    pooler_output: Tensor | None = None  # (batch, pooler_output_size)
-    hidden_states: tuple[Tensor, ...] | None = None  # embeddings + each layer's output (before final LN)
-    attentions: tuple[Tensor, ...] | None = None  # per layer (batch, heads, tokens, tokens)
-
 
 # --- embeddings -----------------------------------------------------------------------------
 

@@ -1,0 +1,63 @@
+"""Shared fixtures: digits shards written once per session, and real torchrun launches."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "launch" / "pretrain.py"
+
+# Small, fast, and still a real run: 2 ranks, a tiny ViT, a few steps.
+TINY = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model.num_hidden_layers=2",
+        "data.batch_size=16", "data.num_workers=1", "data.augment=shift", "data.hflip=false",
+        "data.mean=[0.5]", "data.std=[0.5]", "train.log_every=1", "train.progress_bar=false",
+        "optim.warmup_steps=0", "optim.lr=2e-3"]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--source", "digits", "--out", str(out),
+                    "--shard-size", "200", "--val-fraction", "0.1", "--workers", "1"],
+                   check=True, capture_output=True, timeout=300)
+    return out
+
+
+def shard_overrides(shards: Path) -> list[str]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    names = [s["name"] if isinstance(s, dict) else s for s in manifest["shards"]]
+    train = ",".join(str(shards / n) for n in names if n.startswith("train"))
+    val = ",".join(str(shards / n) for n in names if n.startswith("val"))
+    return [f"data.train_shards=[{train}]", f"data.val_shards=[{val}]"]
+
+
+def run_env(threads: int = 1) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu", PIPELINE_DIST_TIMEOUT_S="120",
+               PYTHONPATH=str(ROOT))
+    return env
+
+
+def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, config: str | None = None,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N launch/pretrain.py ...`, as a user types it."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(PRETRAIN), "--config", config or str(ROOT / "configs/digits_tiny.yaml"), *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env or run_env())
+
+
+def metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_top1" in r]
+
+
+def ledger(output_dir: Path, rank: int) -> list[dict]:
+    path = output_dir / "ledger" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
