@@ -78,6 +78,15 @@ def test_too_many_bad_samples_stop_the_run(tmp_path):
         take(loader, 13)
 
 
+def test_a_slice_without_any_good_sample_is_a_clear_error(tmp_path):
+    everything = {f"s{s}-{p:03d}": "image" for s, c in enumerate(COUNTS) for p in range(c)}
+    loader = build(cfg(write_tiny_shards(tmp_path, counts=COUNTS, corrupt=everything)), world_size=1)
+    with pytest.raises(DataError) as error:
+        take(loader, 1)
+    assert str(error.value).startswith("rank 0 slot") and "no decodable samples left" in str(error.value)
+    assert "\n" not in str(error.value)  # the worker's traceback is not part of the message
+
+
 def test_eval_counts_bad_samples_and_keeps_batches_equal(tmp_path):
     from pipeline.data import build_eval_loader
 

@@ -90,11 +90,11 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
-def test_cli_writes_digits_and_refuses_to_overwrite(tmp_path):
+def test_cli_writes_digits_and_refuses_to_overwrite(tmp_path, capsys):
     run = [sys.executable, str(ROOT / "launch" / "make_shards.py"), "--source", "digits", "--out", str(tmp_path),
            "--shard-size", "1000"]
     done = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "train: 1618 samples in 2 shards" in done.stdout and "make_shards: 100%" in done.stderr
-    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "pass --overwrite" in again.stderr
+    again = make_shards.main(["--source", "digits", "--out", str(tmp_path), "--quiet"])
+    assert again == 2 and "pass --overwrite" in capsys.readouterr().err

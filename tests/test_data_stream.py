@@ -210,3 +210,24 @@ def test_eval_loader_pads_to_equal_batches(tmp_path):
     assert batches == [7, 7] == [loader.num_batches] * 2  # ceil(ceil(53 / 2) / 4)
     assert sorted(keys) == sorted(all_keys())
     assert build_eval_loader(data_cfg(pattern), image_size=8, num_channels=1, rank=0, world_size=1) is None
+
+
+def test_ledger_appends_and_drops_steps_after_the_resumed_checkpoint(tmp_path):
+    with LedgerWriter(tmp_path, 3) as ledger:
+        for step in range(1, 6):
+            ledger.write(step, [f"k{step}"])
+    with LedgerWriter(tmp_path, 3, resume_step=3) as ledger:  # steps 4 and 5 were lost with the crash
+        ledger.write(4, ["again4"])
+    lines = (tmp_path / "ledger" / "rank3.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert read_ledger(tmp_path) == {3: {1: ["k1"], 2: ["k2"], 3: ["k3"], 4: ["again4"]}}
+
+
+def test_close_stops_the_workers(tmp_path):
+    loader = build(data_cfg(write_tiny_shards(tmp_path)))
+    batches = iter(loader)
+    next(batches)
+    workers = loader._iterator._workers
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)

@@ -46,6 +46,17 @@ class _Decoding:
     num_channels: int
 
 
+def _next(iterator: Iterator[dict]) -> dict:
+    """next() that unwraps a DataError from a worker into its own one-line message."""
+    try:
+        return next(iterator)
+    except DataError as error:
+        text = str(error).strip()
+        if text.startswith("Caught DataError in DataLoader worker"):
+            raise DataError(text.splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        raise
+
+
 class TrainStream(IterableDataset):
     """One rank's infinite training stream, starting at (epoch, batches, consumed per slot)."""
 
@@ -106,6 +117,7 @@ class TrainLoader:
 
     ``state_dict()`` describes the batches handed out so far; ``set_state()`` (before iterating)
     continues exactly on the same layout, or at the next epoch boundary on a different one.
+    A new ``iter()`` continues from the state and stops the workers of the previous one.
     """
 
     def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool, max_bad_fraction: float):
@@ -116,6 +128,7 @@ class TrainLoader:
         self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
         self.bad, self.seen = 0, 0
         self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a layout change
+        self._iterator = None  # the live DataLoader iterator (one per iter(); workers run while it lives)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -155,20 +168,31 @@ class TrainLoader:
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True)
         expected = self.epoch * lay.steps_per_epoch + self.batches
-        iterator = iter(loader)
-        while True:
-            rng = torch.get_rng_state() if self.num_workers == 0 else None
-            batch = next(iterator)
-            if rng is not None:  # decoding in this process reseeds per sample: give the trainer its RNG back
-                torch.set_rng_state(rng)
-            slot, consumed = batch.pop("slot"), batch.pop("consumed")
-            if batch["epoch"] * lay.steps_per_epoch + batch["index"] != expected:
-                raise RuntimeError(f"loader order broke: got batch {batch['index']} of epoch {batch['epoch']}, "
-                                   f"expected global batch {expected}")
-            expected += 1
-            self._account(batch, slot, consumed)
-            batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
-            yield batch
+        self.close()
+        iterator = self._iterator = iter(loader)
+        try:
+            while True:
+                rng = torch.get_rng_state() if self.num_workers == 0 else None
+                batch = _next(iterator)
+                if rng is not None:  # decoding in this process reseeds per sample: give the trainer its RNG back
+                    torch.set_rng_state(rng)
+                slot, consumed = batch.pop("slot"), batch.pop("consumed")
+                if batch["epoch"] * lay.steps_per_epoch + batch["index"] != expected:
+                    raise RuntimeError(f"loader order broke: got batch {batch['index']} of epoch {batch['epoch']}, "
+                                       f"expected global batch {expected}")
+                expected += 1
+                self._account(batch, slot, consumed)
+                batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
+                yield batch
+        finally:
+            if self._iterator is iterator:
+                self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes now (call before tearing down the process group)."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def _account(self, batch: dict, slot: int, consumed: int) -> None:
         lay = self.layout
@@ -228,8 +252,9 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True)
-        self.skipped = 0
-        for expected, batch in enumerate(loader):
+        self.skipped, iterator = 0, iter(loader)
+        for expected in range(self.num_batches):
+            batch = _next(iterator)
             if batch["index"] != expected:
                 raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
             self.skipped += batch["skipped"]
