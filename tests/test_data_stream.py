@@ -231,3 +231,13 @@ def test_close_stops_the_workers(tmp_path):
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
     loader.close()
     assert not any(w.is_alive() for w in workers)
+
+
+def test_zero_and_one_worker_are_the_same_stream(tmp_path):
+    pattern = write_tiny_shards(tmp_path)
+    full = take(build(data_cfg(pattern, num_workers=1)), 9)
+    first = build(data_cfg(pattern, num_workers=0))
+    head = take(first, 4)
+    resumed = build(data_cfg(pattern, num_workers=1))
+    resumed.set_state(first.state_dict())
+    assert [b["key"] for b in head + take(resumed, 5)] == [b["key"] for b in full]

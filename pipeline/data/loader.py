@@ -146,7 +146,10 @@ class TrainLoader:
         epoch, batches = int(state["epoch"]), int(state["batches"])
         same = {"world_size": lay.world_size, "num_workers": self.num_workers, "batch_size": lay.batch_size,
                 "num_samples": lay.num_samples, "seed": lay.seed}
-        changed = {k: (state.get(k), v) for k, v in same.items() if state.get(k) != v}
+        saved = {**state, "num_workers": state.get("num_workers", self.num_workers)}
+        if max(1, int(saved["num_workers"])) == lay.num_slots:  # 0 and 1 workers: the same stream
+            saved["num_workers"] = self.num_workers
+        changed = {k: (saved.get(k), v) for k, v in same.items() if saved.get(k) != v}
         if not changed:
             self.epoch, self.batches = epoch, batches
             self.consumed = list(state.get("consumed") or
@@ -159,8 +162,9 @@ class TrainLoader:
             self.skipped_on_resume = int(state.get("num_samples", lay.num_samples)) - batches * old_global_batch
             epoch += 1
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        log.warning("data: %s since the checkpoint; resuming at the start of epoch %d, skipping %d samples of "
-                    "the interrupted epoch %d", what, epoch, self.skipped_on_resume, epoch - 1)
+        skipped = (f"skipping {self.skipped_on_resume} samples of the interrupted epoch {epoch - 1}" if batches
+                   else "no samples skipped")
+        log.warning("data: %s since the checkpoint; resuming at the start of epoch %d, %s", what, epoch, skipped)
         self.epoch, self.batches, self.consumed = epoch, 0, [0] * lay.num_slots
 
     def __iter__(self) -> Iterator[dict]:

@@ -50,8 +50,10 @@ class ShardJob:
 
 def digits_items() -> tuple[list[str], list[Item]]:
     """scikit-learn's 1,797 handwritten 8x8 digits (shipped with the package: no download)."""
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ShardsError("--source digits needs scikit-learn: pip install scikit-learn") from None
     digits = load_digits()
     items = []
     for index, (image, label) in enumerate(zip(digits.images, digits.target)):
