@@ -142,10 +142,9 @@ class ProgressBar:
     def update(self, step: int, **fields: Any) -> None:
         if self._bar is None:
             return
-        self._bar.n = step
         self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()},
                               refresh=False)
-        self._bar.refresh()
+        self._bar.update(step - self._bar.n)  # redraws at most once per mininterval
 
     def close(self) -> None:
         if self._bar is not None:
