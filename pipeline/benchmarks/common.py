@@ -1,0 +1,123 @@
+"""What every benchmark suite shares: interleaved timing, the machine's description, thread setup.
+
+Timings on a shared machine move with the load, so every comparison is made side by side in
+one process: the contenders take turns (the order rotates every repetition) and each one's
+median is reported. The load average before and after is part of every result.
+"""
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """Where and when a figure was taken: CPU, cores, threads, versions, date, load."""
+    info = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average_1_5_15": load_average(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def set_threads(threads: int | None) -> int:
+    """Intra-op threads for this process (default: every core); returns the number in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def summarize(times: list[float]) -> dict:
+    """Median (the figure reported), min, max and count of a list of seconds."""
+    return {"median_s": round(statistics.median(times), 4), "min_s": round(min(times), 4),
+            "max_s": round(max(times), 4), "n": len(times)}
+
+
+def interleaved(contenders: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1,
+                sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each call, the contenders taking turns; the order rotates every repetition so
+    that none always runs first (after a pause) or last."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for name in names:
+            contenders[name]()
+    if sync:
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            gc.collect()
+            start = time.perf_counter()
+            contenders[name]()
+            if sync:
+                sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def matmul_flops(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best-of-``repeats`` FLOP/s of a square ``torch.mm`` of ``size`` (the machine's matmul ceiling)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, kernel choice
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def option(args, name: str, default):
+    """``args.name`` when given (not None), else ``default``: suites also run with ``args=None``."""
+    value = getattr(args, name, None) if args is not None else None
+    return default if value is None else value
+
+
+def model_config(size: str, **overrides):
+    """A ModelConfig of a named size (MODEL_SIZES), explicit fields winning.
+
+    ``ModelConfig(size="S/16")`` alone keeps the B/16 defaults (the size is applied by
+    ``load_config``), so the named fields are spelled out here.
+    """
+    from pipeline.config import MODEL_SIZES, ModelConfig
+
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return ModelConfig(**{**MODEL_SIZES[size], "size": size, **overrides})

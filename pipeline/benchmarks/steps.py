@@ -1,0 +1,116 @@
+"""Training steps the suites time: a plain PyTorch AdamW step, and one through our DeepSpeed engine.
+
+Both do what the trainer does per step: forward (autocast for bf16 with fp32 weights), fp32
+cross-entropy with label smoothing, backward, gradient clipping, AdamW, LR schedule.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import Config, load_config
+
+
+def train_config(size: str, *, batch_size: int, precision: str, zero_stage: int = 0, image_size: int | None = None,
+                 activation_checkpointing: str = "none", extra: list[str] | None = None) -> Config:
+    """A full Config for a benchmark step (the model of ``size``, at ``image_size`` if given)."""
+    image = [f"model.image_size={image_size}"] if image_size else []  # else the size's own (224, tiny 16)
+    return load_config(None, [f"model.size={size}", *image,
+                              f"model.activation_checkpointing={activation_checkpointing}",
+                              f"data.batch_size={batch_size}", f"train.precision={precision}",
+                              f"train.zero_stage={zero_stage}", "optim.warmup_steps=0",
+                              "train.progress_bar=false", *(extra or [])])
+
+
+def synthetic_batch(cfg: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    images = torch.randn(cfg.data.batch_size, m.num_channels, *m.image_hw, generator=g)
+    labels = torch.randint(0, m.num_labels, (cfg.data.batch_size,), generator=g)
+    return images, labels
+
+
+def build_seeded_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
+    from pipeline.model import build_model
+
+    torch.manual_seed(seed)  # every contender starts from the same weights
+    return build_model(cfg.model)
+
+
+def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor,
+               labels: torch.Tensor) -> Callable[[], float]:
+    """A plain PyTorch step: autocast forward (bf16), backward, clip, torch AdamW, LR schedule."""
+    from pipeline.optim import build_optimizer, build_scheduler
+
+    model.train()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    use_autocast = cfg.train.precision == "bf16"
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            logits = model(images).logits
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    return step
+
+
+def quiet_deepspeed() -> None:
+    """DeepSpeed on CPU: no accelerator warning, no per-engine banners."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", message=".*is deprecated.*")
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def single_process_group() -> None:
+    """torch.distributed for this one process (world size 1, a free port), as the trainer starts it."""
+    import torch.distributed as dist
+
+    from pipeline.distributed.engine import init_process_group
+    from pipeline.distributed.env import resolve_env
+
+    quiet_deepspeed()
+    if not dist.is_initialized():
+        init_process_group(resolve_env({}), timeout_s=300)
+
+
+def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                *, world_size: int = 1):
+    """A step through our DeepSpeed engine (as the trainer runs it); returns (step, engine parts)."""
+    from pipeline.distributed.engine import autocast_context, build_engine
+    from pipeline.optim import build_optimizer, build_scheduler
+
+    parts = build_engine(model, cfg, world_size=world_size,
+                         optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
+                         scheduler_factory=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
+    engine = parts.engine
+    engine.train()
+    dtype = torch.bfloat16 if parts.ds_config["bf16"]["enabled"] else torch.float32
+    device = torch.device("cpu")
+    images = images.to(dtype)
+
+    def step() -> float:
+        with autocast_context(cfg, device):
+            logits = engine(images).logits
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    return step, parts
