@@ -92,7 +92,10 @@ def single_process_group() -> None:
 
 def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 *, world_size: int = 1):
-    """A step through our DeepSpeed engine (as the trainer runs it); returns (step, engine parts)."""
+    """A step through our DeepSpeed engine (as the trainer runs it); returns (step, engine parts).
+
+    ``step(after_backward)`` calls ``after_backward()`` between the backward pass and the
+    optimizer step, where gradients, weights and optimizer states all exist."""
     from pipeline.distributed.engine import autocast_context, build_engine
     from pipeline.optim import build_optimizer, build_scheduler
 
@@ -105,11 +108,13 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
     device = torch.device("cpu")
     images = images.to(dtype)
 
-    def step() -> float:
+    def step(after_backward: Callable[[], None] | None = None) -> float:
         with autocast_context(cfg, device):
             logits = engine(images).logits
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
         engine.backward(loss)
+        if after_backward is not None:  # e.g. to count memory while the gradients exist
+            after_backward()
         engine.step()
         return loss.item()
 
