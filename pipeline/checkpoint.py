@@ -3,12 +3,14 @@
 Layout under ``<output_dir>/checkpoints``::
 
     step-120/            DeepSpeed's files (every rank writes its shards)
-    step-120/COMPLETE    written by rank 0 after every rank finished: step, world size, model config
+    step-120/COMPLETE    written by rank 0 after every rank's files are on disk: step, world size, model
     step-120_universal/  made once when a run resumes on another data-parallel size
     latest               the tag of the newest complete checkpoint, replaced atomically
 
 A directory without ``COMPLETE`` (a run killed mid-save) is never loaded, and is removed once a
-newer complete checkpoint exists.
+newer complete checkpoint exists, or when the run saves that step again. Removing a checkpoint
+takes its marker away first, so that an interrupted removal leaves an incomplete directory,
+never a "complete" one with missing files.
 """
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 TAG_PATTERN = re.compile(r"^step-(\d+)$")
+UNIVERSAL_SUFFIX = "_universal"
+
+# Model fields that change the weights' shapes (or their meaning): a checkpoint saved with other
+# values cannot be loaded. The others (dropout, activation checkpointing, ...) may change on resume.
+SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+                "patch_size", "num_channels", "qkv_bias", "num_labels", "pooler_output_size")
+# Model fields that may differ on resume without a refusal (logged when they do).
+FREE_FIELDS = ("size", "activation_checkpointing", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
 class CheckpointError(RuntimeError):
@@ -38,13 +48,40 @@ def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, text: str) -> None:
+    """Readers see the old content or the new one, never a part; durable once this returns."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def fsync_tree(tag_dir: Path) -> None:
+    """Flush every file of a checkpoint to disk (torch.save does not): a marker must never reach
+    the disk before the data it vouches for, or a machine crash leaves a "complete" checkpoint
+    with truncated shards. Each rank flushes what its node wrote; other files cost nothing."""
+    for dirpath, _, files in os.walk(tag_dir):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def step_of(tag_dir: Path) -> int | None:
@@ -52,11 +89,15 @@ def step_of(tag_dir: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """Complete ``step-N`` directories, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and (p / COMPLETE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None and is_complete(p)]
     return sorted(found, key=step_of)
 
 
@@ -65,7 +106,11 @@ def read_marker(tag_dir: Path) -> dict[str, Any]:
     if not marker.is_file():
         raise CheckpointError(f"checkpoint '{tag_dir}' is incomplete (no {COMPLETE} marker: the save was "
                               "interrupted); resume from an older one or with checkpoint.resume=auto")
-    return json.loads(marker.read_text())
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint '{tag_dir}': unreadable {COMPLETE} marker ({error}); "
+                              "resume from another checkpoint") from None
 
 
 def latest_complete(output_dir: str | Path) -> Path | None:
@@ -97,6 +142,18 @@ def resolve_resume(resume: str, output_dir: str | Path, *, overwrite: bool) -> P
     return path
 
 
+def start_over(output_dir: str | Path) -> None:
+    """``checkpoint.resume=none`` with ``overwrite=true``: drop the old run's checkpoints, so that
+    neither pruning nor a later ``resume=auto`` mixes the two runs up (rank 0 only)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        log.warning("checkpoint.overwrite=true: removing the previous run's checkpoints in %s", root)
+        for path in sorted(root.iterdir()):
+            if path.is_dir() and (step_of(path) is not None or path.name.endswith(UNIVERSAL_SUFFIX)):
+                remove_checkpoint(path)
+        (root / "latest").unlink(missing_ok=True)
+
+
 @dataclass(frozen=True)
 class ResumePlan:
     tag_dir: Path  # the step-N directory chosen
@@ -114,12 +171,19 @@ def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, wo
         return None
     marker = read_marker(tag_dir)
     saved_model = marker.get("model", {})
-    mismatched = [f"{key} (checkpoint {saved_model.get(key)!r}, config {value!r})"
-                  for key, value in model_config.items()
-                  if key not in ("activation_checkpointing", "size") and saved_model.get(key) != value]
+
+    def differs(key: str) -> bool:
+        return key in saved_model and saved_model[key] != model_config.get(key)
+
+    mismatched = [f"model.{key} (checkpoint {saved_model[key]!r}, config {model_config.get(key)!r})"
+                  for key in SHAPE_FIELDS if differs(key)]
     if mismatched:
-        raise CheckpointError(f"checkpoint '{tag_dir}' was saved with another model: {'; '.join(mismatched)}; "
-                              "use the checkpoint's model config or another train.output_dir")
+        raise CheckpointError(f"checkpoint '{tag_dir}' was saved with another model shape: {'; '.join(mismatched)}; "
+                              "set these fields as the checkpoint has them, or use another train.output_dir")
+    changed = [key for key in saved_model if key not in SHAPE_FIELDS + FREE_FIELDS and differs(key)]
+    if changed:
+        log.warning("resuming %s with changed model fields: %s", tag_dir.name,
+                    ", ".join(f"{k} {saved_model[k]!r} -> {model_config.get(k)!r}" for k in changed))
     if marker.get("zero_stage") != zero_stage:
         raise CheckpointError(f"checkpoint '{tag_dir}' was saved with ZeRO-{marker.get('zero_stage')} but "
                               f"train.zero_stage={zero_stage}; resume with train.zero_stage={marker.get('zero_stage')}")
@@ -127,21 +191,34 @@ def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, wo
     return ResumePlan(tag_dir=tag_dir, marker=marker, universal=universal)
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """DeepSpeed's ds_to_universal, once per checkpoint; the result carries its own marker."""
-    target = tag_dir.with_name(f"{tag_dir.name}_universal")
-    if (target / COMPLETE).is_file():
+def universal_dir(tag_dir: Path, root: Path) -> Path:
+    """Where the universal form of ``tag_dir`` goes: the resuming run's own checkpoints folder, so
+    that resuming from another run (``checkpoint.resume=PATH``) never writes into that run."""
+    return root / f"{tag_dir.name}{UNIVERSAL_SUFFIX}"
+
+
+def convert_to_universal(tag_dir: Path, root: Path) -> Path:
+    """DeepSpeed's ds_to_universal, once per checkpoint; the result carries a copy of the source's
+    marker, and is made again when that no longer matches (the source was saved anew)."""
+    target = universal_dir(tag_dir, root)
+    if is_complete(target) and (target / COMPLETE).read_text() == (tag_dir / COMPLETE).read_text():
         return target
-    shutil.rmtree(target, ignore_errors=True)
+    remove_checkpoint(target)
+    root.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", "1",
                "--num_merge_workers", "1"]
-    log.info("converting %s to DeepSpeed's universal format (data-parallel size changed)", tag_dir.name)
+    started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
         raise CheckpointError(f"converting '{tag_dir}' to a universal checkpoint failed: "
-                              f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
-    shutil.copy(tag_dir / COMPLETE, target / COMPLETE)
+                              f"{lines[-1] if lines else result.returncode}")
+    (root / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's pointer; we name tags explicitly
+    fsync_tree(target)
+    _atomic_write(target / COMPLETE, (tag_dir / COMPLETE).read_text())
+    log.info("converted %s to DeepSpeed's universal format in %.1f s: %s", tag_dir, time.perf_counter() - started,
+             target)
     return target
 
 
@@ -153,54 +230,95 @@ def point_latest(root: Path, tag: str) -> None:
     _atomic_write(root / "latest", tag + "\n")
 
 
-def prune(root: Path, *, keep_last: int) -> None:
-    """Drop complete checkpoints beyond ``keep_last`` and incomplete ones older than the newest."""
+def remove_checkpoint(path: Path) -> None:
+    """Marker first: a removal cut short leaves an incomplete directory, which nobody loads."""
+    if not path.exists():
+        return
+    (path / COMPLETE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: Path, *, keep_last: int) -> list[Path]:
+    """Drop complete checkpoints beyond ``keep_last`` (and their universal forms), incomplete ones
+    older than the newest complete one, and temporary files of interrupted pointer writes."""
     complete = complete_checkpoints(root)
     if not complete:
-        return
+        return []
+    removed = []
     newest_step = step_of(complete[-1])
     for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-        shutil.rmtree(old.with_name(f"{old.name}_universal"), ignore_errors=True)
-    for path in root.iterdir():
+        remove_checkpoint(old)
+        remove_checkpoint(universal_dir(old, root))
+        removed.append(old)
+    for path in sorted(root.iterdir()):
         step = step_of(path)
-        if path.is_dir() and step is not None and step < newest_step and not (path / COMPLETE).is_file():
+        if path.is_dir() and step is not None and step < newest_step and not is_complete(path):
             log.info("removing incomplete checkpoint %s (interrupted save)", path.name)
-            shutil.rmtree(path, ignore_errors=True)
+            remove_checkpoint(path)
+            removed.append(path)
+        elif path.name.startswith(".latest.tmp"):
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, marker_info: dict,
-         keep_last: int, rank: int) -> Path:
-    """Every rank writes its shards; only then does rank 0 mark the checkpoint complete."""
+         keep_last: int, rank: int, resumed_from: Path | None = None, timings: dict | None = None) -> Path:
+    """Every rank writes its shards; only then does rank 0 mark the checkpoint complete.
+
+    ``resumed_from``: the checkpoint this run was loaded from; when it is this very step in this
+    directory (nothing trained since), it is kept as it is. ``timings``, if given, receives this
+    rank's seconds per phase (write, fsync, commit).
+    """
     import torch.distributed as dist
 
     root = checkpoint_root(output_dir)
-    tag = f"step-{step}"
-    if (root / tag / COMPLETE).is_file():
-        return root / tag  # already saved at this step (e.g. a periodic save that was also the last)
+    tag_dir = root / f"step-{step}"
+    if resumed_from is not None and is_complete(tag_dir) and resumed_from.resolve() == tag_dir.resolve():
+        return tag_dir
     started = time.perf_counter()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    if rank == 0 and tag_dir.exists():
+        # A partial directory of an interrupted save of this step, or a checkpoint of another timeline
+        # (e.g. resumed from an older step): stale files (another world size's shards) must not mix in.
+        log.info("replacing %s %s", "checkpoint" if is_complete(tag_dir) else "incomplete checkpoint", tag_dir.name)
+        remove_checkpoint(tag_dir)
+        remove_checkpoint(universal_dir(tag_dir, root))
+    dist.barrier()
+    clock = [time.perf_counter()]
+    engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
+    clock.append(time.perf_counter())
+    fsync_tree(tag_dir)
     dist.barrier()  # every rank's shards are on disk before the marker says so
+    clock.append(time.perf_counter())
     if rank == 0:
-        write_marker(root / tag, {"step": step, **marker_info})
-        point_latest(root, tag)
+        write_marker(tag_dir, {"step": step, **marker_info})
+        point_latest(root, tag_dir.name)
         prune(root, keep_last=keep_last)
     dist.barrier()  # nobody exits (or gets killed) believing the save done before the marker exists
-    log.info("saved checkpoint %s in %.1f s", root / tag, time.perf_counter() - started)
-    return root / tag
+    clock.append(time.perf_counter())
+    if timings is not None:
+        timings.update(write=clock[1] - clock[0], fsync=clock[2] - clock[1], commit=clock[3] - clock[2])
+    log.info("saved checkpoint %s in %.1f s", tag_dir, clock[-1] - started)
+    return tag_dir
 
 
-def load(engine: Any, plan: ResumePlan) -> dict:
+def load(engine: Any, plan: ResumePlan, *, output_dir: str | Path) -> dict:
     """Load weights, optimizer, scheduler into the engine; return our client state."""
     import torch.distributed as dist
 
     tag_dir = plan.tag_dir
     if plan.universal:
+        root = checkpoint_root(output_dir)
+        error = None
         if dist.get_rank() == 0:
-            convert_to_universal(tag_dir)
+            try:
+                convert_to_universal(tag_dir, root)
+            except CheckpointError as caught:  # raised after the barrier, so that no rank waits forever
+                error = caught
         dist.barrier()
-        tag_dir = tag_dir.with_name(f"{tag_dir.name}_universal")
-        if not (tag_dir / COMPLETE).is_file():
+        if error is not None:
+            raise error
+        tag_dir = universal_dir(tag_dir, root)
+        if not is_complete(tag_dir):
             raise CheckpointError(f"universal conversion of '{plan.tag_dir}' did not complete; see rank 0's log")
     path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                 load_optimizer_states=True, load_lr_scheduler_states=True)

@@ -1,7 +1,16 @@
-"""Consolidate a sharded DeepSpeed checkpoint into fp32 weights in HuggingFace's format."""
+"""Consolidate a sharded DeepSpeed checkpoint into fp32 weights in HuggingFace's format.
+
+The shards are read with ``torch.load(weights_only=True)``: a checkpoint from elsewhere cannot
+run code on the machine that exports it. DeepSpeed's own ``zero_to_fp32`` unpickles everything
+(``weights_only=False``), so the few lines of its reconstruction that ZeRO 1-3 need live here;
+the tests hold them to DeepSpeed's result, bit for bit.
+"""
 from __future__ import annotations
 
 import logging
+import math
+import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -11,6 +20,38 @@ from pipeline.config import ModelConfig
 from pipeline.model import build_model, save_pretrained
 
 log = logging.getLogger(__name__)
+
+# The non-tensor objects DeepSpeed (and our LR schedule) pickle into checkpoints. Export needs
+# none of their behaviour, so they unpickle as inert records instead of the real classes.
+PICKLED_CLASSES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.checkpoint.constants.ZeroStageEnum",
+    "pipeline.config.OptimConfig",
+)
+
+
+class _Record:
+    """Stands in for a pickled class: keeps constructor arguments and state, runs nothing."""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_weights_only(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` of a DeepSpeed file; plain data and tensors only."""
+    try:
+        with torch.serialization.safe_globals([(_Record, name) for name in PICKLED_CLASSES]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError or RuntimeError
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"'{path}' cannot be read as weights only ({first}); it holds objects this "
+                              "exporter does not know: was it written by this pipeline?") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -28,21 +69,95 @@ def find_checkpoint(path: str | Path) -> Path:
     return found[-1]
 
 
+def _natural(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _files(tag_dir: Path, pattern: str) -> list[Path]:
+    found = sorted(tag_dir.glob(pattern), key=_natural)
+    if not found:
+        raise CheckpointError(f"checkpoint '{tag_dir}' has no {pattern} files; it is incomplete or not DeepSpeed's")
+    return found
+
+
+def _stage_of(value) -> int:
+    return int(value.args[0]) if isinstance(value, _Record) else int(value)
+
+
 def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights, whatever the ZeRO stage the checkpoint was written with."""
+    tag_dir = Path(tag_dir)
     if zero_stage == 0:
-        # Every rank holds the whole model: it sits in the one model-states file.
-        state = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in state["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # Every rank holds the whole model (fp32 here: bf16 at ZeRO-0 runs in autocast).
+        state = load_weights_only(tag_dir / "mp_rank_00_model_states.pt")
+        return OrderedDict((k, v.float()) for k, v in state["module"].items())
+    model_states = [load_weights_only(p) for p in _files(tag_dir, "*_model_states.pt")]
+    optim_states = [load_weights_only(p)["optimizer_state_dict"] for p in _files(tag_dir, "*_optim_states.pt")]
+    stage = _stage_of(optim_states[0]["zero_stage"])
+    if stage != zero_stage:
+        raise CheckpointError(f"checkpoint '{tag_dir}' holds ZeRO-{stage} shards but its marker says ZeRO-{zero_stage}")
+    world_size = optim_states[0]["partition_count"]
+    world_size = max(world_size) if isinstance(world_size, (list, tuple)) else int(world_size)
+    if world_size != len(optim_states):
+        raise CheckpointError(f"checkpoint '{tag_dir}' should hold {world_size} optimizer shards but has "
+                              f"{len(optim_states)}; it was not saved completely")
+    model = model_states[0]
+    state: dict[str, torch.Tensor] = OrderedDict(
+        (k, v.float() if v.is_floating_point() else v) for k, v in model["module"].items() if k in model["buffer_names"])
+    if model.get("frozen_param_shapes"):
+        raise CheckpointError(f"checkpoint '{tag_dir}' has frozen parameters, which this exporter does not handle")
+    if stage <= 2:
+        state.update(_merge_zero12(model["param_shapes"], [o["single_partition_of_fp32_groups"] for o in optim_states],
+                                   optim_states[0].get("param_alignment_paddings"), world_size))
+    else:
+        state.update(_merge_zero3(model["param_shapes"], [o["fp32_flat_groups"] for o in optim_states], world_size))
+    for alias, source in model.get("shared_params", {}).items():
+        if source in state:
+            state[alias] = state[source]
+    return state
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+def _merge_zero12(param_shapes: list[dict], flat_groups: list[list[torch.Tensor]], paddings, world_size: int):
+    """ZeRO 1/2: each param group is one flat fp32 vector cut into equal slices, one per rank."""
+    out = OrderedDict()
+    for group, shapes in enumerate(param_shapes):
+        flat = torch.cat([ranks[group] for ranks in flat_groups])
+        offset = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            out[name] = flat.narrow(0, offset, numel).view(shape).clone()
+            offset += numel + (paddings[group][index] if paddings is not None else 0)
+        align = 2 * world_size  # DeepSpeed pads each group to a multiple of 2 x world size
+        if math.ceil(offset / align) * align != math.ceil(flat.numel() / align) * align:
+            raise CheckpointError(f"ZeRO group {group}: used {offset} of {flat.numel()} values; the shards do not "
+                                  "match the recorded parameter shapes")
+    return out
+
+
+def _merge_zero3(param_shapes: list[dict], flat_groups: list[list[torch.Tensor]], world_size: int):
+    """ZeRO 3: every parameter is split over the ranks (padded to a multiple of the world size),
+    and each rank's pieces follow one another in its flat vector(s)."""
+    per_rank = [torch.cat(list(groups)) for groups in flat_groups]
+    out = OrderedDict()
+    offset = 0
+    for shapes in param_shapes:
+        for name, shape in shapes.items():
+            numel = math.prod(shape)
+            part = math.ceil(numel / world_size)
+            pieces = [flat.narrow(0, offset, part) for flat in per_rank]
+            out[name] = torch.cat(pieces)[:numel].view(shape).clone()
+            offset += part
+    if offset != per_rank[0].numel():
+        raise CheckpointError(f"ZeRO-3 shards: used {offset} of {per_rank[0].numel()} values per rank; the shards "
+                              "do not match the recorded parameter shapes")
+    return out
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (fp32) for ``checkpoint`` into ``out_dir``."""
     tag_dir = find_checkpoint(checkpoint)
     marker = read_marker(tag_dir)
-    model_cfg = ModelConfig(**marker["model"])
+    model_cfg = ModelConfig(**{**marker["model"], "activation_checkpointing": "none"})
     model = build_model(model_cfg)
     state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -50,5 +165,5 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise CheckpointError(f"checkpoint '{tag_dir}' does not match its recorded model config: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     save_pretrained(model, out_dir)
-    log.info("exported %s (step %s) to %s", tag_dir, marker["step"], out_dir)
+    log.info("exported %s (step %s, ZeRO-%s) to %s", tag_dir, marker["step"], marker["zero_stage"], out_dir)
     return Path(out_dir)

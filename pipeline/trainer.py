@@ -86,6 +86,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- building
     def build(self) -> None:
         cfg, env = self.cfg, self.env
+        self.stop_flag.install()  # early: a signal while building (e.g. a long load) must not kill the job
         resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir,
                                                overwrite=cfg.checkpoint.overwrite)
         self.plan = checkpoint.plan_resume(resume_dir, model_config=_model_dict(cfg), world_size=env.world_size,
@@ -93,6 +94,8 @@ class Trainer:
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
+            if cfg.checkpoint.resume == "none" and cfg.checkpoint.overwrite:
+                checkpoint.start_over(self.output_dir)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         if cfg.train.compile:
@@ -120,7 +123,9 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, self.compute_dtype if self.compute_dtype != torch.float32
                                             else (torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32))
         self.peak_flops *= env.world_size
-        self.ledger = LedgerWriter(self.output_dir, env.rank) if cfg.data.ledger else None
+        # Lines after the resumed step were written by an interrupted run and never became a checkpoint.
+        self.ledger = (LedgerWriter(self.output_dir, env.rank, resume_step=self.plan.step if self.plan else 0)
+                       if cfg.data.ledger else None)
         if self.plan is not None:
             self._restore()
         seed_base = cfg.train.seed * 100003 + env.rank
@@ -132,7 +137,7 @@ class Trainer:
         if plan.universal:
             log.info("resuming %s on a different world size (%s -> %d): converting through DeepSpeed's "
                      "universal checkpoint", plan.tag_dir.name, plan.marker.get("world_size"), self.env.world_size)
-        state = checkpoint.load(self.engine, plan)
+        state = checkpoint.load(self.engine, plan, output_dir=self.output_dir)
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.data_skipped = int(state.get("data_skipped", 0))
@@ -150,7 +155,6 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.max_steps``; 0 when done, EXIT_PREEMPTED after a stop signal."""
         cfg = self.cfg
-        self.stop_flag.install()
         writer = build_metrics_writer(self.output_dir, rank=self.env.rank)
         bar = ProgressBar(cfg.train.max_steps, initial=self.step, enabled=self.env.is_main and cfg.train.progress_bar)
         try:
@@ -160,7 +164,9 @@ class Trainer:
             writer.close()
             if self.ledger is not None:
                 self.ledger.close()
-            self.stop_flag.uninstall()
+            # Done (or stopped and saved): from here on the process only exits, and a late signal
+            # (torchrun stopping the others once one rank exited 75) must not change its exit code.
+            self.stop_flag.ignore_from_now_on()
 
     def _loop(self, writer, bar) -> int:
         cfg = self.cfg
@@ -198,13 +204,13 @@ class Trainer:
                 self._log_train(writer, window, batch["epoch"])
                 window = _Window()
             bar.update(self.step, loss=last_loss, lr=self._lr())
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
-                self.evaluate(writer)
-            if stop:
-                self.save()
+            if stop and self.step < cfg.train.max_steps:  # at the last step: just finish (exit 0)
+                self.save()  # first: the time between the warning and the kill is short
                 log.warning("stopped by %s at step %d; checkpoint saved, exiting %d so the job is requeued",
                             self.stop_flag.signal_name or "a signal on another rank", self.step, EXIT_PREEMPTED)
                 return EXIT_PREEMPTED
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.step < cfg.train.max_steps:
+                self.evaluate(writer)
             every = cfg.checkpoint.every_steps
             if every and self.step % every == 0 and self.step < cfg.train.max_steps:
                 self.save()
@@ -301,7 +307,8 @@ class Trainer:
                   "precision": self.cfg.train.precision, "config_hash": self.cfg.hash(),
                   "model": _model_dict(self.cfg)}
         return checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step, client_state=client_state,
-                               marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank)
+                               marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
+                               resumed_from=self.plan.tag_dir if self.plan is not None else None)
 
 
 class _Window:

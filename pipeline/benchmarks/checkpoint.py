@@ -1,0 +1,208 @@
+"""The ``checkpoint`` benchmark: save and load time and bytes of a sharded DeepSpeed checkpoint,
+against the disk's raw sequential speed measured in the same run.
+
+A torchrun job (2 processes by default) builds the model (ViT-B/16), takes one training step so
+that every optimizer state exists, then:
+
+- save: ``pipeline.checkpoint.save`` as training calls it (DeepSpeed's write, fsync of every
+  file, barrier, marker, pointer, prune), ``repeats`` times; split into write / fsync (+ waiting
+  for the slowest rank) / commit;
+- load cold: the pages of the checkpoint are dropped from the page cache first
+  (``posix_fadvise(DONTNEED)`` after the fsync, no privileges needed), then
+  ``pipeline.checkpoint.load``; load warm: the same again with the pages cached;
+- raw: one file of the checkpoint's size written in 8 MiB blocks + fsync by rank 0 alone, and
+  the same bytes split over the ranks written concurrently (as the checkpoint is); then read
+  back cold.
+
+``save_vs_raw`` = raw write time / save time (1.0: the save runs at the disk's speed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULTS = dict(size="B/16", zero_stage=2, precision="bf16", nproc=2, repeats=3, dir=None)
+BLOCK = 8 << 20
+
+
+def run(args: argparse.Namespace | None = None) -> dict:
+    """Run the benchmark; ``args`` may set size, zero_stage, precision, nproc, repeats, dir."""
+    opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
+    parent = Path(opts["dir"]) if opts["dir"] else Path.cwd() / "runs"
+    parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=parent))
+    try:
+        result_path = work / "result.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts['nproc']}",
+                   "-m", "pipeline.benchmarks.checkpoint", "--worker", "--dir", str(work), "--size", opts["size"],
+                   "--zero-stage", str(opts["zero_stage"]), "--precision", opts["precision"],
+                   "--repeats", str(opts["repeats"])]
+        env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0 or not result_path.is_file():
+            raise RuntimeError(f"checkpoint benchmark failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+        result = json.loads(result_path.read_text())
+        result["directory"] = str(parent)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ in the workers
+def _drop_cache(path: Path) -> None:
+    """Evict a directory's (clean, fsynced) pages from the page cache, so that the next read hits the disk."""
+    for file in (path.rglob("*") if path.is_dir() else [path]):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _write(path: Path, size: int) -> None:
+    block = os.urandom(BLOCK)
+    with open(path, "wb", buffering=0) as handle:
+        left = size
+        while left > 0:
+            left -= handle.write(block[: min(left, BLOCK)])
+        os.fsync(handle.fileno())
+
+
+def _read(path: Path) -> int:
+    total = 0
+    with open(path, "rb", buffering=0) as handle:
+        while chunk := handle.read(BLOCK):
+            total += len(chunk)
+    return total
+
+
+def _timed(fn, dist) -> float:
+    """Wall time of ``fn`` run on every rank, from a common start to the last rank's end."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def _dir_bytes(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def worker(opts: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+    from pipeline.config import load_config
+    from pipeline.distributed.engine import build_engine, init_process_group
+    from pipeline.distributed.env import resolve_env
+    from pipeline.model import build_model
+    from pipeline.optim import build_optimizer, build_scheduler
+
+    env = resolve_env()
+    init_process_group(env, timeout_s=1800)
+    work = Path(opts.dir)
+    cfg = load_config(None, [f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
+                             f"train.precision={opts.precision}", "data.batch_size=1", f"train.output_dir={work}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    parts = build_engine(model, cfg, world_size=env.world_size,
+                         optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
+                         scheduler_factory=lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
+    engine = parts.engine
+    dtype = torch.bfloat16 if parts.ds_config["bf16"]["enabled"] else torch.float32
+    images = torch.randn(1, cfg.model.num_channels, *cfg.model.image_hw, dtype=dtype)
+    loss = engine(images).logits.float().logsumexp(-1).mean()  # one step: every optimizer state exists
+    engine.backward(loss)
+    engine.step()
+
+    marker = {"world_size": env.world_size, "zero_stage": cfg.train.zero_stage, "model": cfg.model.__dict__}
+    saves, phases = [], []
+    for step in range(1, opts.repeats + 1):
+        timings: dict = {}
+        saves.append(_timed(lambda: checkpoint.save(engine, output_dir=work, step=step, client_state={"step": step},
+                                                     marker_info=marker, keep_last=1, rank=env.rank,
+                                                     timings=timings), dist))
+        phases.append(timings)
+    tag_dir = checkpoint.latest_complete(work)
+    files = _dir_bytes(tag_dir)
+    total = sum(files.values())
+    plan = checkpoint.plan_resume(tag_dir, model_config=cfg.model.__dict__, zero_stage=cfg.train.zero_stage,
+                                  world_size=env.world_size)
+    loads_cold, loads_warm = [], []
+    for _ in range(opts.repeats):
+        _drop_cache(tag_dir)
+        loads_cold.append(_timed(lambda: checkpoint.load(engine, plan, output_dir=work), dist))
+        loads_warm.append(_timed(lambda: checkpoint.load(engine, plan, output_dir=work), dist))
+
+    raw = work / "raw"
+    raw.mkdir(exist_ok=True)
+    single, mine = raw / "single.bin", raw / f"rank{env.rank}.bin"
+    share = total // env.world_size
+    raw_single_write = _timed(lambda: _write(single, total) if env.rank == 0 else None, dist)
+    _drop_cache(single)
+    raw_single_read = _timed(lambda: _read(single) if env.rank == 0 else None, dist)
+    if env.rank == 0:
+        single.unlink(missing_ok=True)
+    raw_split_write = _timed(lambda: _write(mine, share), dist)
+    _drop_cache(mine)
+    raw_split_read = _timed(lambda: _read(mine), dist)
+
+    if env.rank == 0:
+        mb = total / 1e6
+        save_s, load_s = statistics.median(saves), statistics.median(loads_cold)
+        result = {
+            "model": opts.size, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+            "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "world_size": env.world_size,
+            "bytes_written": total, "files": files, "repeats": opts.repeats,
+            "save_s": round(save_s, 3), "save_s_all": [round(s, 3) for s in saves],
+            "save_phases_rank0_s": {k: round(statistics.median(p[k] for p in phases), 3) for k in phases[0]},
+            "save_MBps": round(mb / save_s, 1),
+            "load_cold_s": round(load_s, 3), "load_cold_s_all": [round(s, 3) for s in loads_cold],
+            "load_warm_s": round(statistics.median(loads_warm), 3),
+            "load_cold_MBps": round(mb / load_s, 1),
+            "raw_write_1_stream_s": round(raw_single_write, 3), "raw_write_1_stream_MBps": round(mb / raw_single_write, 1),
+            "raw_write_per_rank_s": round(raw_split_write, 3),
+            "raw_write_per_rank_MBps": round(share * env.world_size / 1e6 / raw_split_write, 1),
+            "raw_read_1_stream_cold_s": round(raw_single_read, 3),
+            "raw_read_1_stream_cold_MBps": round(mb / raw_single_read, 1),
+            "raw_read_per_rank_cold_s": round(raw_split_read, 3),
+            "save_vs_raw": round(min(raw_single_write, raw_split_write) / save_s, 2),
+            "load_vs_raw": round(min(raw_single_read, raw_split_read) / load_s, 2),
+        }
+        (work / "result.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help="where to write (the disk your checkpoints go to); default ./runs")
+    parser.add_argument("--size", default=DEFAULTS["size"])
+    parser.add_argument("--zero-stage", dest="zero_stage", type=int, default=DEFAULTS["zero_stage"])
+    parser.add_argument("--precision", default=DEFAULTS["precision"])
+    parser.add_argument("--nproc", type=int, default=DEFAULTS["nproc"])
+    parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+    else:
+        print(json.dumps(run(args), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

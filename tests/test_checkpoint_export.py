@@ -1,0 +1,91 @@
+"""`launch/export.py` for every ZeRO stage: HuggingFace's ViTForImageClassification loads the result
+and computes what the training run computed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint_runs as runs
+from conftest import ROOT, run_env
+from pipeline.checkpoint import read_marker
+from pipeline.config import ModelConfig, load_config
+from pipeline.export import consolidated_state_dict, find_checkpoint
+from pipeline.model import build_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "checkpoint-runs"
+
+
+def deepspeed_weights(tag_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own answer (it unpickles everything: fine for files this test made)."""
+    if stage == 0:
+        return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_export_loads_in_transformers_with_our_logits(base, digits_shards, tmp_path, stage):
+    from transformers import ViTForImageClassification
+
+    run = runs.checkpoint_run(base, digits_shards, stage)
+    out = tmp_path / "hf"
+    result = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(run), "--out",
+                             str(out)], capture_output=True, text=True, timeout=300, env=run_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+    # Our weights-only reconstruction is DeepSpeed's, bit for bit.
+    tag_dir = find_checkpoint(run)
+    assert read_marker(tag_dir)["zero_stage"] == stage
+    ours, reference = consolidated_state_dict(tag_dir, stage), deepspeed_weights(tag_dir, stage)
+    assert ours.keys() == reference.keys()
+    assert all(torch.equal(ours[k], reference[k].float()) for k in reference)
+
+    hf = ViTForImageClassification.from_pretrained(out).eval()
+    model = build_model(ModelConfig(**read_marker(tag_dir)["model"])).eval()
+    model.load_state_dict(reference)
+    images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(stage))
+    with torch.no_grad():
+        assert (hf(pixel_values=images).logits - model(images).logits).abs().max().item() <= 1e-5
+
+    # And it computes what the training run computed: the run's last validation loss.
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in logged if "val_loss" in row][-1]
+    assert logged["step"] == read_marker(tag_dir)["step"]
+    loss, count = validation_loss(hf, run)
+    assert count == logged["val_samples"] and loss == pytest.approx(logged["val_loss"], abs=1e-5)
+
+
+def validation_loss(hf, run: Path) -> tuple[float, int]:
+    from pipeline.data import build_eval_loader
+
+    cfg = load_config(run / "config.yaml")
+    loader = build_eval_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
+                               rank=0, world_size=1)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            losses = F.cross_entropy(hf(pixel_values=batch["image"]).logits.float(), batch["label"], reduction="none")
+            total += (losses * batch["valid"]).sum().item()
+            count += int(batch["valid"].sum())
+    return total / max(count, 1), count
+
+
+def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path):
+    tag = tmp_path / "checkpoints" / "step-3"
+    tag.mkdir(parents=True)
+    result = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(tag), "--out",
+                             str(tmp_path / "hf")], capture_output=True, text=True, timeout=120, env=run_env())
+    assert result.returncode == 2
+    assert "is incomplete (no COMPLETE marker" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "hf").exists()
