@@ -12,7 +12,7 @@ that every optimizer state exists, then:
   ``pipeline.checkpoint.load``; load warm: the same again with the pages cached;
 - raw: one file of the checkpoint's size written in 8 MiB blocks + fsync by rank 0 alone, and
   the same bytes split over the ranks written concurrently (as the checkpoint is); then read
-  back cold.
+  back cold; ``repeats`` times, medians reported (all values in ``raw_all_s``).
 
 ``save_vs_raw`` = raw write time / save time (1.0: the save runs at the disk's speed).
 """
@@ -87,11 +87,15 @@ def _read(path: Path) -> int:
     return total
 
 
-def _timed(fn, dist) -> float:
+CPU_S: dict[str, list[float]] = {}  # this process's CPU seconds per measured operation
+
+
+def _timed(fn, dist, name: str = "") -> float:
     """Wall time of ``fn`` run on every rank, from a common start to the last rank's end."""
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
+    CPU_S.setdefault(name, []).append(time.process_time() - cpu)
     dist.barrier()
     return time.perf_counter() - start
 
@@ -134,7 +138,7 @@ def worker(opts: argparse.Namespace) -> None:
         timings: dict = {}
         saves.append(_timed(lambda: checkpoint.save(engine, output_dir=work, step=step, client_state={"step": step},
                                                      marker_info=marker, keep_last=1, rank=env.rank,
-                                                     timings=timings), dist))
+                                                     timings=timings), dist, "save"))
         phases.append(timings)
     tag_dir = checkpoint.latest_complete(work)
     files = _dir_bytes(tag_dir)
@@ -144,24 +148,31 @@ def worker(opts: argparse.Namespace) -> None:
     loads_cold, loads_warm = [], []
     for _ in range(opts.repeats):
         _drop_cache(tag_dir)
-        loads_cold.append(_timed(lambda: checkpoint.load(engine, plan, output_dir=work), dist))
+        loads_cold.append(_timed(lambda: checkpoint.load(engine, plan, output_dir=work), dist, "load_cold"))
         loads_warm.append(_timed(lambda: checkpoint.load(engine, plan, output_dir=work), dist))
 
     raw = work / "raw"
     raw.mkdir(exist_ok=True)
     single, mine = raw / "single.bin", raw / f"rank{env.rank}.bin"
     share = total // env.world_size
-    raw_single_write = _timed(lambda: _write(single, total) if env.rank == 0 else None, dist)
-    _drop_cache(single)
-    raw_single_read = _timed(lambda: _read(single) if env.rank == 0 else None, dist)
-    if env.rank == 0:
-        single.unlink(missing_ok=True)
-    raw_split_write = _timed(lambda: _write(mine, share), dist)
-    _drop_cache(mine)
-    raw_split_read = _timed(lambda: _read(mine), dist)
+    raw_s = {"single_write": [], "single_read": [], "split_write": [], "split_read": []}
+    for _ in range(opts.repeats):
+        raw_s["single_write"].append(_timed(lambda: _write(single, total) if env.rank == 0 else None, dist,
+                                                   "raw_write_1_stream"))
+        _drop_cache(single)
+        raw_s["single_read"].append(_timed(lambda: _read(single) if env.rank == 0 else None, dist))
+        if env.rank == 0:
+            single.unlink(missing_ok=True)
+        raw_s["split_write"].append(_timed(lambda: _write(mine, share), dist, "raw_write_per_rank"))
+        _drop_cache(mine)
+        raw_s["split_read"].append(_timed(lambda: _read(mine), dist))
+        mine.unlink(missing_ok=True)
+    raw_single_write, raw_single_read, raw_split_write, raw_split_read = (
+        statistics.median(raw_s[k]) for k in ("single_write", "single_read", "split_write", "split_read"))
 
     if env.rank == 0:
         mb = total / 1e6
+        cpu = {name: round(statistics.median(values), 3) for name, values in CPU_S.items() if name}
         save_s, load_s = statistics.median(saves), statistics.median(loads_cold)
         result = {
             "model": opts.size, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
@@ -179,6 +190,9 @@ def worker(opts: argparse.Namespace) -> None:
             "raw_read_1_stream_cold_s": round(raw_single_read, 3),
             "raw_read_1_stream_cold_MBps": round(mb / raw_single_read, 1),
             "raw_read_per_rank_cold_s": round(raw_split_read, 3),
+            "raw_all_s": {k: [round(t, 3) for t in v] for k, v in raw_s.items()},
+            "cpu_s_rank0": cpu,  # CPU seconds of rank 0's process: near the wall time = CPU-bound
+            "loadavg_at_end": os.getloadavg(),
             "save_vs_raw": round(min(raw_single_write, raw_split_write) / save_s, 2),
             "load_vs_raw": round(min(raw_single_read, raw_split_read) / load_s, 2),
         }
