@@ -67,12 +67,24 @@ def _atomic_write(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
-def fsync_tree(tag_dir: Path) -> None:
-    """Flush every file of a checkpoint to disk (torch.save does not): a marker must never reach
-    the disk before the data it vouches for, or a machine crash leaves a "complete" checkpoint
-    with truncated shards. Each rank flushes what its node wrote; other files cost nothing."""
+_RANK_FILE = re.compile(r"pp_rank_(\d+)_")  # DeepSpeed's per-rank shards: zero_pp_rank_3_mp_rank_00_...
+
+
+def _written_by(name: str, rank: int | None) -> bool:
+    if rank is None:
+        return True
+    match = _RANK_FILE.search(name)
+    return int(match.group(1)) == rank if match else rank == 0  # the rest (model states) is rank 0's
+
+
+def fsync_tree(tag_dir: Path, rank: int | None = None) -> None:
+    """Flush a checkpoint's files to disk (torch.save does not): a marker must never reach the
+    disk before the data it vouches for, or a machine crash leaves a "complete" checkpoint with
+    truncated shards. With ``rank``, only the files that rank wrote (one open per file in all)."""
     for dirpath, _, files in os.walk(tag_dir):
         for name in files:
+            if not _written_by(name, rank):
+                continue
             try:
                 fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             except FileNotFoundError:
@@ -286,7 +298,7 @@ def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, 
     clock = [time.perf_counter()]
     engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
     clock.append(time.perf_counter())
-    fsync_tree(tag_dir)
+    fsync_tree(tag_dir, rank)
     dist.barrier()  # every rank's shards are on disk before the marker says so
     clock.append(time.perf_counter())
     if rank == 0:

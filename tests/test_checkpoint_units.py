@@ -215,6 +215,20 @@ def test_saving_a_step_again_replaces_partial_and_stale_dirs(tmp_path, no_dist):
     assert engine.saves == 1  # nothing trained since that checkpoint was loaded
 
 
+def test_each_rank_fsyncs_the_files_it_wrote(tmp_path, monkeypatch):
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "zero_pp_rank_12_mp_rank_00_model_states.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    synced = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, flags: synced.append(Path(path).name) or real_open(path, flags))
+    for rank in (0, 1, 12, 5):
+        ckpt.fsync_tree(tmp_path, rank)
+    files = [n for n in synced if n != tmp_path.name]
+    assert sorted(files) == sorted(names)  # each exactly once, by its writer
+
+
 def test_start_over_drops_the_old_runs_checkpoints(tmp_path):
     root = tmp_path / "checkpoints"
     make(root, 4), make(root, 8, complete=False), (root / "step-4_universal").mkdir()
