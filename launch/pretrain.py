@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Before anything slow (imports, the process group, loading a checkpoint): from here on a
+    # stop signal only sets a flag, and the run saves and exits 75 instead of dying.
+    from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+
+    stop_flag = StopFlag().install()
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     from pipeline.config import dump_config, load_config
     from pipeline.distributed.env import resolve_env
@@ -47,14 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pipeline.distributed.engine import check_precision, destroy_process_group, device_for, init_process_group
-    from pipeline.preemption import EXIT_PREEMPTED
     from pipeline.trainer import train
 
     code = 1
     try:
         check_precision(cfg.train.precision, device_for(env))
         init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
-        code = train(cfg, env)
+        code = train(cfg, env, stop_flag)
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
         code = exit_code_for(error)
         if code == 2 or type(error).__name__ == "TrainingError":

@@ -25,10 +25,19 @@ class MetricsWriter(Protocol):
 
 
 class JsonlWriter:
-    """One JSON object per line; appended, so a resumed run continues the same file."""
+    """One JSON object per line; appended, so a resumed run continues the same file.
 
-    def __init__(self, path: Path):
+    With ``resume_step``, rows after that step are dropped first: an interrupted run wrote
+    them after its last checkpoint, and the resumed run writes those steps again."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _row_step(line) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
         self._file = path.open("a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -37,6 +46,13 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return sys.maxsize  # a torn last line of a killed run: dropped
 
 
 class TensorBoardWriter:
@@ -75,12 +91,12 @@ class MultiWriter:
             writer.close()
 
 
-def build_metrics_writer(output_dir: str | Path, *, rank: int) -> MetricsWriter:
+def build_metrics_writer(output_dir: str | Path, *, rank: int, resume_step: int | None = None) -> MetricsWriter:
     """The one place that decides who logs: rank 0 writes JSONL and TensorBoard, others nothing."""
     if rank != 0:
         return NullWriter()
     output_dir = Path(output_dir)
-    writers: list[MetricsWriter] = [JsonlWriter(output_dir / "metrics.jsonl")]
+    writers: list[MetricsWriter] = [JsonlWriter(output_dir / "metrics.jsonl", resume_step)]
     try:
         writers.append(TensorBoardWriter(output_dir / "tensorboard"))
     except ImportError:  # tensorboard is a declared dependency; keep training if an env lacks it

@@ -52,4 +52,21 @@ class WarmupCosine:
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg, total_steps))
+    """LambdaLR over a plain function: LambdaLR saves the state of callable *objects* and would
+    bring an old schedule (old max_steps, old lr) back on resume; a function's it leaves alone."""
+    schedule = WarmupCosine(cfg, total_steps)
+
+    def lr_multiplier(step: int) -> float:
+        return schedule(step)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier)
+
+
+def apply_current_schedule(scheduler, cfg: OptimConfig) -> None:
+    """After loading a checkpoint: the config's LR and schedule win over the saved ones.
+
+    On an unchanged config this recomputes the very values that were saved."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [cfg.lr for _ in groups]
+    for group, base_lr, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)

@@ -25,7 +25,7 @@ from pipeline.distributed.engine import autocast_context, build_engine, device_f
 from pipeline.distributed.env import DistributedEnv
 from pipeline.metrics import ProgressBar, build_metrics_writer, device_peak_flops
 from pipeline.model import build_model, vit_flops
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.optim import apply_current_schedule, build_optimizer, build_scheduler
 from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,14 @@ class Agreement:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistributedEnv):
+    def __init__(self, cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None):
         self.cfg, self.env = cfg, env
         self.device = device_for(env)
         self.output_dir = Path(cfg.train.output_dir)
         self.step = 0
         self.nonfinite_steps = 0
         self.data_skipped = 0
-        self.stop_flag = StopFlag()
+        self.stop_flag = stop_flag or StopFlag()
 
     # ----------------------------------------------------------------------------- building
     def build(self) -> None:
@@ -138,6 +138,7 @@ class Trainer:
             log.info("resuming %s on a different world size (%s -> %d): converting through DeepSpeed's "
                      "universal checkpoint", plan.tag_dir.name, plan.marker.get("world_size"), self.env.world_size)
         state = checkpoint.load(self.engine, plan, output_dir=self.output_dir)
+        apply_current_schedule(self.engine.lr_scheduler, self.cfg.optim)
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.data_skipped = int(state.get("data_skipped", 0))
@@ -155,11 +156,13 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.max_steps``; 0 when done, EXIT_PREEMPTED after a stop signal."""
         cfg = self.cfg
-        writer = build_metrics_writer(self.output_dir, rank=self.env.rank)
+        writer = build_metrics_writer(self.output_dir, rank=self.env.rank,
+                                      resume_step=self.step if self.plan is not None else None)
         bar = ProgressBar(cfg.train.max_steps, initial=self.step, enabled=self.env.is_main and cfg.train.progress_bar)
         try:
             return self._loop(writer, bar)
         finally:
+            self.train_loader.close()  # stop the workers before the process group goes away
             bar.close()
             writer.close()
             if self.ledger is not None:
@@ -335,8 +338,8 @@ def _model_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg.model)
 
 
-def train(cfg: Config, env: DistributedEnv) -> int:
-    trainer = Trainer(cfg, env)
+def train(cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None) -> int:
+    trainer = Trainer(cfg, env, stop_flag)
     trainer.build()
     return trainer.run()
 

@@ -1,0 +1,76 @@
+"""Parameter groups, the LR schedule across a resume, and metrics rows across a resume."""
+import json
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.metrics import JsonlWriter
+from pipeline.model import build_model
+from pipeline.optim import WarmupCosine, apply_current_schedule, build_optimizer, build_scheduler, param_groups
+
+
+def optim_cfg(*overrides):
+    return load_config(None, ["data.train_shards=x.tar", *overrides]).optim
+
+
+def test_no_weight_decay_on_biases_norms_positions_and_cls():
+    model = build_model(load_config(None, ["data.train_shards=x.tar", "model.size=tiny"]).model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "vit.embeddings.cls_token" in no_decay_names
+    assert "vit.embeddings.position_embeddings" in no_decay_names
+    assert "vit.layernorm.weight" in no_decay_names and "classifier.bias" in no_decay_names
+    assert all(names[id(p)].endswith("weight") for p in decay["params"])
+    assert "classifier.weight" in {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_warmup_then_cosine_to_min_lr():
+    cfg = optim_cfg("optim.lr=1e-3", "optim.min_lr=1e-5", "optim.warmup_steps=10")
+    schedule = WarmupCosine(cfg, total_steps=110)
+    assert schedule(0) == pytest.approx(0.1)
+    assert schedule(9) == pytest.approx(1.0)
+    assert schedule(60) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert schedule(110) == pytest.approx(0.01)
+
+
+def test_resumed_schedule_follows_the_new_config_not_the_saved_one():
+    cfg = optim_cfg("optim.lr=1e-3", "optim.warmup_steps=0")
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, total_steps=8)
+    for _ in range(8):
+        opt.step()
+        sched.step()
+    saved = sched.state_dict()
+    # Same config: the resumed lr is exactly what was saved.
+    opt_same = build_optimizer(model, cfg)
+    sched_same = build_scheduler(opt_same, cfg, total_steps=8)
+    sched_same.load_state_dict(saved)
+    apply_current_schedule(sched_same, cfg)
+    assert [g["lr"] for g in opt_same.param_groups] == sched.get_last_lr()
+    # Longer run and another lr: the new schedule wins.
+    longer = optim_cfg("optim.lr=2e-3", "optim.warmup_steps=0")
+    opt_new = build_optimizer(model, longer)
+    sched_new = build_scheduler(opt_new, longer, total_steps=16)
+    sched_new.load_state_dict(saved)
+    apply_current_schedule(sched_new, longer)
+    expected = 2e-3 * WarmupCosine(longer, 16)(8)
+    assert [g["lr"] for g in opt_new.param_groups] == pytest.approx([expected, expected])
+
+
+def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = JsonlWriter(path)
+    for step in range(1, 7):
+        writer.log({"loss": 1.0 / step}, step)
+    writer.close()
+    with path.open("a") as handle:
+        handle.write('{"step": 7, "lo')  # a line torn by SIGKILL
+    writer = JsonlWriter(path, resume_step=4)
+    writer.log({"loss": 0.5}, 5)
+    writer.close()
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
