@@ -26,7 +26,7 @@ from pipeline.benchmarks.common import matmul_flops, model_config, option
 
 DEFAULTS = dict(sizes=["L/16", "B/16"], checkpointing=["none", "all"], compile=["off", "on"], steps=10, warmup=3,
                 batch_size=None, max_batch=2048, memory_fraction=0.9, budget_s=420.0, device="cuda",
-                mm_size=8192)
+                mm_size=8192, compile_scope="layer", weights="fp32")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start no new configuration after this many seconds (default 420)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     parser.add_argument("--mm-size", dest="mm_size", type=int, help="reference bf16 matmul side (default 8192)")
+    parser.add_argument("--compile-scope", dest="compile_scope", choices=["layer", "model"],
+                        help="compile each encoder layer (as train.compile=true, default) or the whole model")
+    parser.add_argument("--weights", choices=["fp32", "bf16"],
+                        help="fp32 weights + bf16 autocast (default; the ZeRO-0 path) or bf16 weights without "
+                             "autocast (the forward/backward of DeepSpeed's bf16 mode at ZeRO >= 1)")
 
 
 def log(message: str) -> None:
@@ -59,14 +64,19 @@ def sdpa_flash():
 class Trainee:
     """A model, its fused AdamW and one full bf16-autocast training step."""
 
-    def __init__(self, cfg, device: torch.device, compiled: bool):
+    def __init__(self, cfg, device: torch.device, compiled: bool, scope: str = "layer", weights: str = "fp32"):
         from pipeline.config import OptimConfig
         from pipeline.model import build_model
         from pipeline.optim import build_optimizer
 
         torch.manual_seed(0)
         self.model = build_model(cfg).to(device).train()
-        if compiled:
+        if weights == "bf16":
+            self.model.to(torch.bfloat16)
+        self.autocast = weights == "fp32"
+        if compiled and scope == "model":
+            self.model.compile()
+        elif compiled:
             for layer in self.model.vit.encoder.layer:  # per layer, as train.compile=true
                 layer.compile()
         self.optimizer = build_optimizer(self.model, OptimConfig())
@@ -78,7 +88,7 @@ class Trainee:
         return images, labels
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16), sdpa_flash():
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), sdpa_flash():
             logits = self.model(images).logits
         loss = F.cross_entropy(logits.float(), labels)
         with sdpa_flash():
@@ -167,8 +177,9 @@ def run_config(size: str, checkpointing: str, compiled: bool, opts: dict, device
     from pipeline.model import vit_flops
 
     cfg = model_config(size, activation_checkpointing=checkpointing)
-    trainee = Trainee(cfg, device, compiled)
-    row: dict = {"size": size, "checkpointing": checkpointing, "compile": compiled}
+    trainee = Trainee(cfg, device, compiled, opts["compile_scope"], opts["weights"])
+    row: dict = {"size": size, "checkpointing": checkpointing,
+                 "compile": opts["compile_scope"] if compiled else False, "weights": opts["weights"]}
     if opts["batch_size"] or device.type != "cuda":
         batch = opts["batch_size"] or 2
     else:

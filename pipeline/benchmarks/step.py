@@ -56,10 +56,16 @@ def run(args: argparse.Namespace | None = None) -> dict:
     """Step-time medians of the engine per ZeRO stage and of the plain step; overhead in %."""
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     threads = set_threads(opts["threads"])
-    steps.single_process_group()
+    created = steps.single_process_group()
     result = {"settings": {**opts, "threads": threads}, "precisions": {}, "rows": []}
-    for precision in opts["precisions"]:
-        stats = run_precision(opts, precision)
+    try:
+        stats_by_precision = {p: run_precision(opts, p) for p in opts["precisions"]}
+    finally:
+        if created:  # leave no process group behind in a caller's process
+            from pipeline.distributed.engine import destroy_process_group
+
+            destroy_process_group(clean=False)
+    for precision, stats in stats_by_precision.items():
         result["precisions"][precision] = stats
         for name, s in stats.items():
             result["rows"].append({"precision": precision, "step": name, "median_s": s["median_s"],

@@ -78,16 +78,19 @@ def quiet_deepspeed() -> None:
     ds_logger.setLevel(logging.WARNING)
 
 
-def single_process_group() -> None:
-    """torch.distributed for this one process (world size 1, a free port), as the trainer starts it."""
+def single_process_group() -> bool:
+    """torch.distributed for this one process (world size 1, a free port), as the trainer starts it;
+    True when this call created it."""
     import torch.distributed as dist
 
     from pipeline.distributed.engine import init_process_group
     from pipeline.distributed.env import resolve_env
 
     quiet_deepspeed()
-    if not dist.is_initialized():
-        init_process_group(resolve_env({}), timeout_s=300)
+    if dist.is_initialized():
+        return False
+    init_process_group(resolve_env({}), timeout_s=300)
+    return True
 
 
 def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,

@@ -1,0 +1,124 @@
+"""Smoke tests of the benchmark suites: each runs at a tiny size through the real command line and
+returns well-formed figures (positive times, the ratio keys present). No timing is asserted:
+figures on a shared CI machine mean nothing; see docs/PERFORMANCE.md for real ones."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "launch"))
+
+import benchmark  # noqa: E402  (launch/benchmark.py)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Suites run in this process set torch's thread count; give the next test the old one back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench(tmp_path: Path, *args: str, subprocess_: bool = False, timeout: float = 120) -> dict:
+    """`python launch/benchmark.py <args> --json OUT` (in this process, or as a user types it in a
+    new one: the suites that start process groups run there); the JSON it wrote."""
+    out = tmp_path / "out.json"
+    if subprocess_:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                                "MASTER_PORT")}
+        env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+        done = subprocess.run([sys.executable, str(ROOT / "launch/benchmark.py"), *args, "--json", str(out)],
+                              capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+    else:
+        assert benchmark.main([*args, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["meta"]["load_average_1_5_15"] is not None and report["meta"]["date_utc"]
+    assert report["meta"]["command"].startswith("python launch/benchmark.py " + args[0])
+    return report["result"]
+
+
+def test_model_suite_ratios(tmp_path):
+    result = bench(tmp_path, "model", "--sizes", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                   "--threads", "1", "--precisions", "bf16")
+    assert set(result["cells"]) == {"tiny bf16"}
+    for cell in result["cells"].values():
+        assert set(cell["contenders"]) == {"ours", "timm", "hf_sdpa", "hf_eager"}
+        assert all(c["median_s"] > 0 for c in cell["contenders"].values())
+        assert cell["ratio_ours_vs_fastest_peer"] > 0 and "ratio_ours_vs_hf" in cell
+        # the same weights went into every peer: same function up to float rounding
+        assert max(cell["max_abs_diff_vs_ours_fp32"].values()) < 1e-4
+    assert any("ratio" in key for key in result["summary"])
+
+
+def test_step_suite_overhead(tmp_path):
+    result = bench(tmp_path, "step", "--size", "tiny", "--batch-size", "2", "--stages", "0", "3", "--repeats", "1",
+                   "--warmup", "1", "--precisions", "fp32", "--threads", "1", subprocess_=True)
+    stats = result["precisions"]["fp32"]
+    assert set(stats) == {"plain_adamw", "zero0", "zero3"}
+    assert all(s["median_s"] > 0 and "overhead_pct" in s for s in stats.values())
+    # one model, one batch, one init: every step starts from the same loss
+    assert len({s["first_loss"] for s in stats.values()}) == 1
+
+
+def test_roofline_suite(tmp_path):
+    result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+                   "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "--threads", "1")
+    figures = result["precisions"]["fp32"]
+    assert figures["matmul_gflop_per_s"] > 0 and figures["gflop_per_step"] > 0
+    for name in ("ours_fwd_bwd", "ours_train_step", "timm_fwd_bwd"):
+        assert figures["contenders"][name]["fraction_of_matmul"] > 0
+
+
+def test_memory_suite(tmp_path):
+    # Every setting and stage is its own process (torchrun for ZeRO): one stage keeps this short.
+    result = bench(tmp_path, "memory", "--size", "tiny", "--batch-size", "4", "--settings", "none", "all",
+                   "--steps", "1", "--zero-size", "tiny", "--stages", "3", "--threads", "1", timeout=240)
+    ckpt = result["checkpointing"]["settings"]
+    assert set(ckpt) == {"none", "all"}
+    assert all(s["step_s"] > 0 and s["peak_rss_mib"] > 0 and "activation_cut_x" in s for s in ckpt.values())
+    stage = result["zero"]["stages"]["zero3"]
+    assert stage["measured_mib"] > 0 and stage["step_s"] > 0
+    assert stage["predicted_mib"] == pytest.approx(16 * stage["params"] / 2 / 2**20, abs=0.1)  # 16P/N, N=2
+
+
+def test_zero_prediction():
+    from pipeline.benchmarks.memory import predicted_state_bytes
+
+    p = 1000
+    assert [predicted_state_bytes(p, s, 2) for s in range(4)] == [16 * p, 12 * p, 10 * p, 8 * p]
+
+
+def test_gpu_suite_without_cuda_exits_zero(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite would measure it")
+    result = bench(tmp_path, "gpu")
+    assert result["summary"]["gpu_present"] is False
+
+
+def test_unknown_and_missing_suites_say_so(capsys):
+    assert benchmark.main(["nonsense"]) == 2
+    assert "unknown suite 'nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="does not exist in this checkout"):
+        benchmark.load_suite("no_such_suite")
+
+
+def test_options_from_defaults_and_table():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    benchmark.add_options_from_defaults(parser, {"size": "B/16", "workers": [0, 1], "seconds": 8.0, "dir": None})
+    args = parser.parse_args(["--workers", "2", "3", "--seconds", "1.5", "--dir", "x"])
+    assert (args.workers, args.seconds, args.dir, args.size) == ([2, 3], 1.5, "x", None)
+    table = benchmark.format_table([{"a": 1, "b": 0.123456}, {"a": 22, "c": None}])
+    assert table.splitlines()[0].split() == ["a", "b", "c"] and "0.1235" in table
