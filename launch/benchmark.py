@@ -122,17 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = load_suite(name)
     args = suite_parser(name, module).parse_args(argv[1:])
-    from pipeline.benchmarks.common import load_average, machine_info
+    from pipeline.benchmarks.common import OtherLoad, load_average, machine_info
 
     meta = {**machine_info(), "command": "python launch/benchmark.py " + " ".join(argv),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    start = time.perf_counter()
+    start, others = time.perf_counter(), OtherLoad()
     result = module.run(args)
     meta["load_average_after"] = load_average()
+    # Our subprocesses (torchrun and its workers) count as ours once waited for.
+    meta["other_processes_cpu_share"] = others.share()
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     print(format_result(result))
     print(f"\n{meta['date_utc']}  {meta['cpu']} ({meta['cpu_count']} cores)  load {meta['load_average_1_5_15']} "
-          f"-> {meta['load_average_after']}  {meta['wall_s']} s")
+          f"-> {meta['load_average_after']}  other processes' CPU share {meta['other_processes_cpu_share']}  "
+          f"{meta['wall_s']} s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"suite": name, "meta": meta, "result": result}, indent=1) + "\n")

@@ -23,6 +23,32 @@ def load_average() -> list[float]:
         return []
 
 
+class OtherLoad:
+    """How busy the machine's other processes kept the CPUs while we ran: (all busy CPU time
+    from /proc/stat - this process's and its waited-for children's CPU time) / (wall x cores).
+    The load average counts our own threads too; this does not."""
+
+    def __init__(self) -> None:
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot() -> tuple[float, float, float]:
+        try:
+            fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+            busy = (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+        except (OSError, ValueError, IndexError):
+            busy = float("nan")
+        t = os.times()
+        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+
+    def share(self) -> float | None:
+        wall0, busy0, own0 = self.start
+        wall1, busy1, own1 = self._snapshot()
+        if busy1 != busy1 or wall1 <= wall0:  # NaN: no /proc/stat
+            return None
+        return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1)), 3)
+
+
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
