@@ -14,7 +14,7 @@
 #   NPROC_PER_NODE  processes per node (default: the GPUs of the allocation, else 1)
 #   MASTER_PORT     rendezvous port on the first node (default: 29500 + job id % 20000)
 #   MAX_REQUEUES    stop requeueing after this many restarts (default: 50)
-#   STEP_SIGNAL_GRACE  seconds a new step runs before a held signal is passed on (default: 5)
+#   STEP_SIGNAL_GRACE  seconds a new step runs before a held signal is passed on (default: 30)
 
 PREEMPT_EXIT_CODE=75
 
@@ -76,8 +76,10 @@ link_output() {
 # `--signal=B:USR1@<s>` sends USR1 to this shell only; Slurm sends SIGTERM on preemption and
 # cancellation. Either way the job step gets USR1 (torchrun_node.py relays it to the workers)
 # and the step is left to end by itself. A signal that comes before the step has run for
-# STEP_SIGNAL_GRACE seconds (default 5) is held until then: a process still starting up, before
-# it installs its handler, would die of it.
+# STEP_SIGNAL_GRACE seconds (default 30) is held until then: a process still starting up, before
+# it installs its handler, would die of it. launch/pretrain.py needs seconds for that (its imports
+# come first): 3 s on an idle 2-core machine, 6 s on a loaded one, more where Python loads from a
+# network disk.
 PREEMPT_PENDING=0
 STEP_PID=""
 STEP_START=0
@@ -92,7 +94,7 @@ trap 'on_signal TERM' TERM
 
 forward_if_ready() {
     ((PREEMPT_PENDING)) && [[ -n $STEP_PID ]] || return 0
-    ((SECONDS - STEP_START >= ${STEP_SIGNAL_GRACE:-5})) || return 0
+    ((SECONDS - STEP_START >= ${STEP_SIGNAL_GRACE:-30})) || return 0
     PREEMPT_PENDING=0
     # Without --batch or --full, scancel signals the job's steps but not this shell.
     scancel --signal=USR1 "$SLURM_JOB_ID" 2>/dev/null || kill -USR1 "$STEP_PID" 2>/dev/null

@@ -51,7 +51,8 @@ class SlurmCluster:
         out = self.run("scontrol", "-o", "show", "job", str(job_id)).stdout
         return dict(re.findall(r"(\w[\w:/]*)=(\S*)", out))
 
-    def wait_job(self, job_id: int, until: Callable[[dict], bool], timeout: float, what: str) -> dict:
+    def wait_job(self, job_id: int, until: Callable[[dict], bool], timeout: float, what: str,
+                 poll: float = 0.5) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             info = self.job(job_id)
@@ -61,15 +62,39 @@ class SlurmCluster:
                 raise AssertionError(f"job {job_id}: no {what} within {timeout:.0f}s; now "
                                      f"JobState={info.get('JobState')} Restarts={info.get('Restarts')}\n"
                                      f"{self.output(info)}")
-            time.sleep(0.5)
+            time.sleep(poll)
 
     def wait_finished(self, job_id: int, timeout: float) -> dict:
         return self.wait_job(job_id, lambda j: j.get("JobState") in FINISHED, timeout, "end")
 
     @staticmethod
-    def output(info: dict) -> str:
+    def output(info: dict, tail: int = 6000) -> str:
         path = Path(info.get("StdOut", ""))
-        return path.read_text(errors="replace")[-6000:] if path.is_file() else f"(no output at {path})"
+        return path.read_text(errors="replace")[-tail:] if path.is_file() else f"(no output at {path})"
+
+    def processes(self, job_id: int, script: str) -> list[dict[str, str]]:
+        """The environments of this cluster's job ``job_id``'s Python processes running ``script``.
+
+        Both emulated nodes are this machine, so /proc shows every node's processes, and each
+        one's SLURMD_NODENAME says which node started it. torchrun_node.py (whose arguments also
+        name the script) and srun are left out; SLURM_CONF tells this cluster's jobs from another's.
+        """
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+                if not (Path(argv[0]).name.startswith("python") and any(a.endswith(script) for a in argv)
+                        and not any(a.endswith("torchrun_node.py") for a in argv)):
+                    continue
+                env = dict(item.split("=", 1) for item in
+                           (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
+            except OSError:  # exited meanwhile
+                continue
+            if env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURM_CONF") == self.env["SLURM_CONF"]:
+                found.append(env)
+        return found
 
 
 def _cluster_up(env: dict, slurm_dir: Path) -> bool:

@@ -12,6 +12,8 @@
   save a checkpoint (<output_dir>/checkpoints/step_<N>.json, N = steps done) and exit 75.
 - Resume: from the newest checkpoint there, so no step is done twice and none skipped.
 - Rank 0 writes <output_dir>/progress.json after each step (for tests that wait for progress).
+- FAKE_TRAINER_STARTUP_S (environment): seconds to sleep before the handlers are installed, as
+  the real trainer spends seconds importing; a stop signal in that time kills the process.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ def write_json(path: Path, obj: dict) -> None:
 
 
 def main(argv: list[str]) -> int:
+    time.sleep(float(os.environ.get("FAKE_TRAINER_STARTUP_S", 0)))
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, _on_signal)
     cfg = parse(argv)

@@ -89,8 +89,9 @@ def _torchrun_node(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     cmd = [sys.executable, str(SLURM / "torchrun_node.py"), "--standalone", "--nproc_per_node=2",
            "tests/slurm_fake_trainer.py", "--config", str(config), f"train.output_dir={tmp_path / 'run'}",
            *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    # The workers take a second to install their handlers, as the real trainer takes seconds.
+    env = {**_clean_env(), "FAKE_TRAINER_STARTUP_S": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _steps(run_dir: Path, rank: int) -> list[int]:
@@ -98,10 +99,10 @@ def _steps(run_dir: Path, rank: int) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(120)
 def test_early_signal_is_held_until_the_workers_catch_it_and_75_comes_back(tmp_path):
     """SIGUSR1 before any worker runs: the workers get it once their handlers are in, checkpoint
-    and exit 75, and torchrun_node exits 75 (plain torchrun would exit 1). A second run resumes."""
+    and exit 75, and torchrun_node exits 75 (plain torchrun would exit 1)."""
     proc = _torchrun_node(tmp_path)
     deadline = time.monotonic() + 30
     while not node._handles(proc.pid, signal.SIGUSR1):  # the wrapper's own handler is in
@@ -115,11 +116,6 @@ def test_early_signal_is_held_until_the_workers_catch_it_and_75_comes_back(tmp_p
     first = _steps(run_dir, 0)
     assert first == _steps(run_dir, 1) == list(range(len(first))) and 1 <= len(first) < 6
     assert checkpoint.name == f"step_{len(first)}.json"
-
-    resumed = _torchrun_node(tmp_path)
-    out, _ = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0, out
-    assert _steps(run_dir, 0) == _steps(run_dir, 1) == list(range(6))
 
 
 @pytest.mark.timeout(120)
