@@ -14,8 +14,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipeline.errors import USER_ERRORS, exit_code_for, one_line  # noqa: E402
-
 log = logging.getLogger("pretrain")
 
 
@@ -35,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 
     stop_flag = StopFlag().install()
+    from pipeline.errors import USER_ERRORS, exit_code_for, one_line  # imports torch: seconds
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     from pipeline.config import dump_config, load_config
     from pipeline.distributed.env import resolve_env

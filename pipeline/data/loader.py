@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,6 +34,14 @@ from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, S
 from .transforms import NormalizeBatch, check_channels, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the trainer. Slurm signals the whole process group (and,
+    with proctrack/cgroup, every process of the job): a worker killed by SIGTERM would take the
+    run down before the trainer could save. The trainer ends its workers itself (close())."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
 
 MIN_SAMPLES_FOR_BAD_CHECK = 1000  # below this many samples, bad fractions are too noisy to stop on
 
@@ -170,7 +179,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         lay = self.layout
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
+                            worker_init_fn=ignore_stop_signals)
         expected = self.epoch * lay.steps_per_epoch + self.batches
         self.close()
         iterator = self._iterator = iter(loader)
@@ -255,7 +265,8 @@ class EvalLoader:
         return self.num_batches
 
     def __iter__(self) -> Iterator[dict]:
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True)
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True,
+                            worker_init_fn=ignore_stop_signals)
         self.skipped, iterator = 0, iter(loader)
         for expected in range(self.num_batches):
             batch = _next(iterator)
