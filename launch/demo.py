@@ -33,6 +33,9 @@ def main() -> int:
              "--shard-size", "405", "--val-fraction", "0.1", "--workers", "2"])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     output_dir = ROOT / "runs" / "digits_tiny"
+    for override in overrides:  # a user's train.output_dir=... wins, and the summary follows it
+        if override.startswith("train.output_dir="):
+            output_dir = Path(override.split("=", 1)[1]).resolve()
     train_started = time.perf_counter()
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "launch/pretrain.py", "--config", str(CONFIG), f"train.output_dir={output_dir}",
