@@ -194,6 +194,8 @@ class Trainer:
                     self._on_nonfinite(loss)
                     continue  # no backward, no engine.step: the accumulation window takes the next batch
                 self.engine.backward(loss)
+                if self.cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum_steps - 1:
+                    window.grad_norm = self._stage0_grad_norm()
                 self.engine.step()
                 window.add_loss(loss.detach())
                 micro += 1
@@ -247,6 +249,12 @@ class Trainer:
                                 "train.precision=bf16/fp32 instead of fp16")
         log.warning("%s: skipping this micro-batch", message)
 
+    def _stage0_grad_norm(self) -> float:
+        """DeepSpeed reports no global gradient norm at ZeRO-0 with a client optimizer; there every
+        rank holds the full, already averaged gradients after the last backward of the step."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     def _lr(self) -> float:
         return float(self.engine.get_lr()[0])
 
@@ -257,6 +265,8 @@ class Trainer:
         images = window.steps * cfg.data.batch_size * cfg.train.grad_accum_steps * env.world_size
         step_time = window.elapsed / max(1, window.steps)
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = window.grad_norm
         metrics = {
             "epoch": epoch,
             "loss": (loss_sum[0] / loss_sum[1]).item() if loss_sum[1] > 0 else float("nan"),
@@ -321,6 +331,7 @@ class _Window:
         self.loss_sum = 0.0
         self.loss_count = 0
         self.last_loss = float("nan")
+        self.grad_norm: float | None = None  # pre-clipping, last step of the window (ZeRO-0 only)
         self.steps = 0
         self.elapsed = 0.0
         self.data_wait = 0.0
