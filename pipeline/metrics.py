@@ -56,10 +56,12 @@ def _row_step(line: str) -> int:
 
 
 class TensorBoardWriter:
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        # purge_step hides the events an interrupted (or overwritten) run wrote after resume_step.
+        purge = None if resume_step is None else resume_step + 1
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         for key, value in metrics.items():
@@ -98,7 +100,7 @@ def build_metrics_writer(output_dir: str | Path, *, rank: int, resume_step: int 
     output_dir = Path(output_dir)
     writers: list[MetricsWriter] = [JsonlWriter(output_dir / "metrics.jsonl", resume_step)]
     try:
-        writers.append(TensorBoardWriter(output_dir / "tensorboard"))
+        writers.append(TensorBoardWriter(output_dir / "tensorboard", resume_step))
     except ImportError:  # tensorboard is a declared dependency; keep training if an env lacks it
         log.warning("tensorboard is not installed; writing metrics.jsonl only")
     return MultiWriter(writers)

@@ -156,8 +156,8 @@ class Trainer:
     def run(self) -> int:
         """Train to ``train.max_steps``; 0 when done, EXIT_PREEMPTED after a stop signal."""
         cfg = self.cfg
-        writer = build_metrics_writer(self.output_dir, rank=self.env.rank,
-                                      resume_step=self.step if self.plan is not None else None)
+        # Rows after the step we start from belong to an interrupted or overwritten run: dropped.
+        writer = build_metrics_writer(self.output_dir, rank=self.env.rank, resume_step=self.step)
         bar = ProgressBar(cfg.train.max_steps, initial=self.step, enabled=self.env.is_main and cfg.train.progress_bar)
         try:
             return self._loop(writer, bar)

@@ -74,3 +74,17 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
     writer.close()
     steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_a_fresh_start_over_an_old_run_starts_a_fresh_metrics_file(tmp_path):
+    from pipeline.metrics import build_metrics_writer
+
+    old = build_metrics_writer(tmp_path, rank=0, resume_step=0)
+    old.log({"loss": 2.0}, 1)
+    old.log({"loss": 1.0}, 2)
+    old.close()
+    new = build_metrics_writer(tmp_path, rank=0, resume_step=0)  # what checkpoint.overwrite=true does
+    new.log({"loss": 2.5}, 1)
+    new.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 2.5}]
