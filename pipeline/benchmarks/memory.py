@@ -8,7 +8,7 @@
    block above 64 KiB straight back to the OS (``MALLOC_MMAP_THRESHOLD_``), so RSS follows the
    live tensors instead of the allocator's cache. Goal: "all" cuts activation_peak >= 3x for at
    most 1.4x the step time.
-2. ZeRO 0-3 on 2 processes (torchrun, gloo, fp32, one torchrun per stage): in the last of
+2. ZeRO 0-3 on 2 processes (torchrun, gloo, fp32 unless told, one torchrun per stage): in the last of
    ``steps`` + 1 steps through our engine, between backward and the optimizer step, each rank
    counts the bytes of every live tensor storage reachable from Python (model, gradients,
    optimizer states, DeepSpeed's flat buffers, buckets and partitions; the batch excluded): the
@@ -16,7 +16,7 @@
    allocated (``allocated``: what a GPU would have to hold); also its RSS growth since before
    the model was built. Predicted per rank, with P parameters,
    N ranks and fp32 Adam (Rajbhandari et al., ZeRO): stage 0 16P, stage 1 (4 + 4 + 8/N)P,
-   stage 2 (4 + 12/N)P, stage 3 16P/N bytes. Goal: ZeRO-3 holds <= 55% of ZeRO-0's state per rank.
+   stage 2 (4 + 12/N)P, stage 3 16P/N bytes (bf16 at stages 1-3: 2 + 2 + 12, partitioned alike). Goal: ZeRO-3 holds <= 55% of ZeRO-0's state per rank.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 DEFAULTS = dict(size="B/16", batch_size=32, image_size=None, precision="bf16", settings=["none", "every-2", "all"],
                 steps=2, zero_size="B/16", zero_batch_size=2, stages=[0, 1, 2, 3], nproc=2, threads=None,
-                parts=["checkpointing", "zero"])
+                parts=["checkpointing", "zero"], zero_precision="fp32", zero_overrides=[])
 ROOT = Path(__file__).resolve().parents[2]
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zero-batch-size", dest="zero_batch_size", type=int, help="ZeRO: batch per rank (2)")
     parser.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], help="ZeRO stages (default 0-3)")
     parser.add_argument("--nproc", type=int, help="ZeRO: processes (default 2)")
+    parser.add_argument("--zero-precision", dest="zero_precision", choices=["fp32", "bf16"],
+                        help="ZeRO: training precision (default fp32)")
+    parser.add_argument("--zero-overrides", dest="zero_overrides", nargs="+", metavar="KEY=VALUE",
+                        help="ZeRO: config overrides, e.g. deepspeed.zero_optimization.reduce_bucket_size=50000000")
     parser.add_argument("--threads", type=int, help="checkpointing: torch threads (default: all cores)")
 
 
@@ -185,9 +189,14 @@ def run_checkpointing(opts: dict) -> dict:
 
 # --- part 2: ZeRO stages across processes -----------------------------------------------------
 
-def predicted_state_bytes(params: int, stage: int, ranks: int) -> int:
-    """ZeRO paper's per-rank model+gradient+optimizer bytes for fp32 training with Adam."""
-    weights, grads, adam = 4 * params, 4 * params, 8 * params
+def predicted_state_bytes(params: int, stage: int, ranks: int, precision: str = "fp32") -> int:
+    """ZeRO paper's per-rank model+gradient+optimizer bytes with Adam: fp32 4+4+8 bytes per
+    parameter; bf16 at stage >= 1 2+2+12 (bf16 weights and gradients, fp32 master + moments).
+    Our bf16 ZeRO-0 is autocast over fp32 weights (engine.uses_autocast): 4+4+8."""
+    if precision == "bf16" and stage >= 1:
+        weights, grads, adam = 2 * params, 2 * params, 12 * params
+    else:
+        weights, grads, adam = 4 * params, 4 * params, 8 * params
     if stage >= 1:
         adam //= ranks
     if stage >= 2:
@@ -209,8 +218,9 @@ def zero_worker(opts: dict) -> dict:
     init_process_group(env, timeout_s=300)
     try:
         before = rss_bytes()
-        cfg = steps.train_config(opts["zero_size"], batch_size=opts["zero_batch_size"], precision="fp32",
-                                 image_size=opts["image_size"], zero_stage=opts["stage"])
+        cfg = steps.train_config(opts["zero_size"], batch_size=opts["zero_batch_size"],
+                                 precision=opts["zero_precision"], image_size=opts["image_size"],
+                                 zero_stage=opts["stage"], extra=opts["zero_overrides"])
         images, labels = steps.synthetic_batch(cfg, seed=env.rank)
         model = steps.build_seeded_model(cfg)
         params = sum(p.numel() for p in model.parameters())
@@ -226,7 +236,8 @@ def zero_worker(opts: dict) -> dict:
             times.append(time.perf_counter() - start)
         measured = counted
         result = {"rank": env.rank, "stage": opts["stage"], "params": params,
-                  "predicted_bytes": predicted_state_bytes(params, opts["stage"], env.world_size),
+                  "predicted_bytes": predicted_state_bytes(params, opts["stage"], env.world_size,
+                                                           opts["zero_precision"]),
                   "measured_tensor_bytes": measured["resident"], "allocated_tensor_bytes": measured["allocated"],
                   "largest_storage_bytes": measured["largest_storages"], "rss_growth_bytes": rss_bytes() - before,
                   "step_s": round(sorted(times[1:])[len(times[1:]) // 2], 3)}
@@ -288,7 +299,9 @@ def run(args: argparse.Namespace | None = None) -> dict:
     if "zero" in opts["parts"]:
         result["zero"] = run_zero(opts)
         for name, s in result["zero"]["stages"].items():
-            result["rows"].append({"part": f"{opts['nproc']} ranks {opts['zero_size']} fp32", "setting": name,
+            extra = " " + " ".join(o.rsplit(".", 1)[-1] for o in opts["zero_overrides"]) if opts["zero_overrides"] else ""
+            result["rows"].append({"part": f"{opts['nproc']} ranks {opts['zero_size']} {opts['zero_precision']}{extra}",
+                                   "setting": name,
                                    "step_s": s["step_s"], "predicted_MiB": s["predicted_mib"],
                                    "measured_MiB": s["measured_mib"], "allocated_MiB": s["allocated_mib"],
                                    "rss_growth_MiB": s["rss_growth_mib"], "vs_zero0": s.get("vs_zero0"),

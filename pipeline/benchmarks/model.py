@@ -75,8 +75,11 @@ def run_cell(models: dict, cfg, precision: str, *, batch_size: int, repeats: int
     peer_names = [n for n in per if n != "ours"]
     fastest = min(peer_names, key=lambda n: per[n]["median_s"])
     hf_names = [n for n in peer_names if n.startswith("hf_")]
+    fastest_by_min = min(peer_names, key=lambda n: per[n]["min_s"])
     cell = {"contenders": per, "fastest_peer": fastest,
             "ratio_ours_vs_fastest_peer": round(per["ours"]["median_s"] / per[fastest]["median_s"], 3),
+            # the best round of each: the one least disturbed by other processes on a shared machine
+            "ratio_ours_vs_fastest_peer_min": round(per["ours"]["min_s"] / per[fastest_by_min]["min_s"], 3),
             "ratio_ours_vs_timm": round(per["ours"]["median_s"] / per["timm"]["median_s"], 3)}
     if hf_names:
         best_hf = min(hf_names, key=lambda n: per[n]["median_s"])
@@ -112,8 +115,8 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                        "ours/this": round(cell["contenders"]["ours"]["median_s"] / stats["median_s"],
                                                           3)})
         del models
-    result["summary"] = {f"{cell_name} ratio_ours_vs_fastest_peer": cell["ratio_ours_vs_fastest_peer"]
-                         for cell_name, cell in result["cells"].items()}
+    result["summary"] = {f"{cell_name} {key}": cell[key] for cell_name, cell in result["cells"].items()
+                         for key in ("ratio_ours_vs_fastest_peer", "ratio_ours_vs_fastest_peer_min", "fastest_peer")}
     result["summary"]["goal_ratio_le_1_met"] = all(c["ratio_ours_vs_fastest_peer"] <= 1.0
                                                    for c in result["cells"].values())
     return result
