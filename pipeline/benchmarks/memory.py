@@ -14,9 +14,10 @@
    optimizer states, DeepSpeed's flat buffers, buckets and partitions; the batch excluded): the
    part backed by RAM (``measured``, read from /proc/self/pagemap) and the part merely
    allocated (``allocated``: what a GPU would have to hold); also its RSS growth since before
-   the model was built. Predicted per rank, with P parameters,
-   N ranks and fp32 Adam (Rajbhandari et al., ZeRO): stage 0 16P, stage 1 (4 + 4 + 8/N)P,
-   stage 2 (4 + 12/N)P, stage 3 16P/N bytes (bf16 at stages 1-3: 2 + 2 + 12, partitioned alike). Goal: ZeRO-3 holds <= 55% of ZeRO-0's state per rank.
+   the model was built. Predicted per rank, with P parameters, N ranks and fp32 Adam
+   (Rajbhandari et al., ZeRO): stage 0 16P, stage 1 (4 + 4 + 8/N)P, stage 2 (4 + 12/N)P,
+   stage 3 16P/N bytes (bf16 at stages 1-3: 2 + 2 + 12, partitioned alike).
+   Goal: ZeRO-3 holds <= 55% of ZeRO-0's state per rank.
 """
 from __future__ import annotations
 
@@ -298,10 +299,10 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "activations_MiB": r["activation_peak_mib"], "cut_x": r.get("activation_cut_x")})
     if "zero" in opts["parts"]:
         result["zero"] = run_zero(opts)
+        extra = "".join(" " + o.rsplit(".", 1)[-1] for o in opts["zero_overrides"])  # e.g. reduce_bucket_size=...
+        part = f"{opts['nproc']} ranks {opts['zero_size']} {opts['zero_precision']}{extra}"
         for name, s in result["zero"]["stages"].items():
-            extra = " " + " ".join(o.rsplit(".", 1)[-1] for o in opts["zero_overrides"]) if opts["zero_overrides"] else ""
-            result["rows"].append({"part": f"{opts['nproc']} ranks {opts['zero_size']} {opts['zero_precision']}{extra}",
-                                   "setting": name,
+            result["rows"].append({"part": part, "setting": name,
                                    "step_s": s["step_s"], "predicted_MiB": s["predicted_mib"],
                                    "measured_MiB": s["measured_mib"], "allocated_MiB": s["allocated_mib"],
                                    "rss_growth_MiB": s["rss_growth_mib"], "vs_zero0": s.get("vs_zero0"),

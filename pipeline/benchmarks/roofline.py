@@ -81,7 +81,8 @@ def run(args: argparse.Namespace | None = None) -> dict:
         result["precisions"][precision] = figures
         for name, s in figures["contenders"].items():
             result["rows"].append({"precision": precision, "step": name, "median_s": s["median_s"],
-                                   "GFLOP/s": s["achieved_gflop_per_s"], "matmul GFLOP/s": figures["matmul_gflop_per_s"],
+                                   "GFLOP/s": s["achieved_gflop_per_s"],
+                                   "matmul GFLOP/s": figures["matmul_gflop_per_s"],
                                    "of_matmul": s["fraction_of_matmul"], "goal": GOALS[precision]})
     result["summary"] = {f"{p} {name} fraction_of_matmul": f["contenders"][name]["fraction_of_matmul"]
                          for p, f in result["precisions"].items() for name in f["contenders"]}
