@@ -116,21 +116,19 @@ class Trainer:
                              optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
                              scheduler_factory=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
         self.engine = parts.engine
-        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-        if not (parts.ds_config["bf16"]["enabled"] or parts.ds_config["fp16"]["enabled"]):
-            self.compute_dtype = torch.float32  # autocast casts inside; weights stay fp32
+        matmul_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+        # Inputs follow the engine's weights; under autocast (bf16 at ZeRO-0) the weights stay fp32.
+        engine_low_precision = parts.ds_config["bf16"]["enabled"] or parts.ds_config["fp16"]["enabled"]
+        self.compute_dtype = matmul_dtype if engine_low_precision else torch.float32
         self.flops_per_step = vit_flops(cfg.model, cfg.data.batch_size * cfg.train.grad_accum_steps) * env.world_size
-        self.peak_flops = device_peak_flops(self.device, self.compute_dtype if self.compute_dtype != torch.float32
-                                            else (torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32))
-        self.peak_flops *= env.world_size
+        self.peak_flops = device_peak_flops(self.device, matmul_dtype) * env.world_size
         # Lines after the resumed step were written by an interrupted run and never became a checkpoint.
         self.ledger = (LedgerWriter(self.output_dir, env.rank, resume_step=self.plan.step if self.plan else 0)
                        if cfg.data.ledger else None)
         if self.plan is not None:
             self._restore()
-        seed_base = cfg.train.seed * 100003 + env.rank
         if self.plan is None:
-            seed_everything(seed_base)  # per-rank streams for dropout and the like
+            seed_everything(cfg.train.seed * 100003 + env.rank)  # per-rank streams for dropout and the like
 
     def _restore(self) -> None:
         plan = self.plan
