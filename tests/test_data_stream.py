@@ -13,7 +13,8 @@ from torchvision.io import encode_png
 from webdataset.writer import TarWriter
 
 from pipeline.config import DataConfig
-from pipeline.data import DataError, LedgerWriter, build_eval_loader, build_train_loader, read_ledger
+from pipeline.data import DataError, LedgerWriter, batch_ring, build_eval_loader, build_train_loader, read_ledger
+from pipeline.data.batch_ring import DEPTH, BatchRing
 
 COUNTS = (9, 4, 13, 7, 11, 3, 6)  # 53 samples in 7 uneven shards
 
@@ -241,3 +242,37 @@ def test_zero_and_one_worker_are_the_same_stream(tmp_path):
     resumed = build(data_cfg(pattern, num_workers=1))
     resumed.set_state(first.state_dict())
     assert [b["key"] for b in head + take(resumed, 5)] == [b["key"] for b in full]
+
+
+def test_batches_through_reused_shared_buffers_equal_in_process_ones(tmp_path):
+    """1 worker fills reused shared-memory buffers (BatchRing); 0 workers build batches in-process."""
+    pattern = write_tiny_shards(tmp_path)
+    through_ring = build(data_cfg(pattern, num_workers=1), world_size=1)
+    steps = 3 * DEPTH + 2  # every buffer reused at least twice
+    a, b = take(through_ring, steps), take(build(data_cfg(pattern, num_workers=0), world_size=1), steps)
+    assert through_ring.reused_buffer_batches == steps
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["label"], y["label"])
+
+
+def test_short_shared_memory_falls_back_to_fresh_batches(tmp_path, monkeypatch, caplog):
+    pattern = write_tiny_shards(tmp_path)
+    expected = take(build(data_cfg(pattern, num_workers=1), world_size=1), 6)
+    monkeypatch.setattr(batch_ring, "MAX_SHM_SHARE", 0.0)
+    loader = build(data_cfg(pattern, num_workers=1), world_size=1)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.batch_ring"):
+        got = take(loader, 6)
+    assert "too little for" in caplog.text and loader.reused_buffer_batches == 0
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(expected, got))
+
+
+def test_a_buffer_is_reused_only_after_its_release():
+    ring = BatchRing(num_workers=2, batch_shape=(2, 1, 4, 4), depth=2)
+    assert [ring.claim(1)[0] for _ in range(2)] == [0, 1]  # batches 0, 1: two fresh buffers
+    assert ring.claim(1) is None  # batch 2 would reuse buffer 0, still holding batch 0: sent fresh
+    ring.release(1)  # batch 0 done
+    assert ring.claim(1) is None  # batch 3 -> buffer 1, still holding batch 1
+    ring.release(1), ring.release(1)  # batches 1 and 2 done
+    slot, buffer = ring.claim(1)  # batch 4 -> buffer 0
+    assert slot == 0 and buffer.data_ptr() == ring.buffers[1, 0].data_ptr() and buffer.is_shared()
+    assert ring.claim(0)[0] == 0  # workers count their own batches

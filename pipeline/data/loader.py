@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,21 +26,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 
+from .batch_ring import DATALOADER_PREFETCH, BatchRing
 from .partition import EvalLayout, TrainLayout, mix_seed, shard_offsets
 from .sources import DataError, Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, SliceReader, TrainBatches,
                      replayed_positions, seeded_shuffle)
 from .transforms import NormalizeBatch, check_channels, eval_transform, train_transform
+from .worker import init_worker
 
 log = logging.getLogger(__name__)
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave stop signals to the trainer. Slurm signals the whole process group (and,
-    with proctrack/cgroup, every process of the job): a worker killed by SIGTERM would take the
-    run down before the trainer could save. The trainer ends its workers itself (close())."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
 
 MIN_SAMPLES_FOR_BAD_CHECK = 1000  # below this many samples, bad fractions are too noisy to stop on
 
@@ -53,6 +46,7 @@ class _Decoding:
     transform: object
     normalize: NormalizeBatch
     num_channels: int
+    image_size: tuple[int, int]
 
 
 def _next(iterator: Iterator[dict]) -> dict:
@@ -74,10 +68,17 @@ class TrainStream(IterableDataset):
         self.urls = [s.url for s in shards]
         self.layout, self.rank, self.decoding, self.shuffle_buffer = layout, rank, decoding, shuffle_buffer
         self.start_epoch, self.start_batches, self.start_consumed = 0, 0, [0] * layout.num_slots
+        self.ring: BatchRing | None = None
 
-    def starting_at(self, epoch: int, batches: int, consumed: list[int]) -> TrainStream:
+    @property
+    def batch_shape(self) -> tuple[int, int, int, int]:
+        return (self.layout.batch_size, self.decoding.num_channels, *self.decoding.image_size)
+
+    def starting_at(self, epoch: int, batches: int, consumed: list[int], ring: BatchRing | None = None
+                    ) -> TrainStream:
         stream = copy.copy(self)
         stream.start_epoch, stream.start_batches, stream.start_consumed = epoch, batches, list(consumed)
+        stream.ring = ring
         return stream
 
     def __iter__(self) -> Iterator[dict]:
@@ -90,11 +91,12 @@ class TrainStream(IterableDataset):
             epoch, index = divmod(position, steps)
             slot = index % slots
             consumed = self.start_consumed[slot] if epoch == self.start_epoch else 0
-            for batch in self.slice_batches(epoch, slot, index // slots, consumed):
+            for batch in self.slice_batches(epoch, slot, index // slots, consumed, worker):
                 yield batch
                 position += slots
 
-    def slice_batches(self, epoch: int, slot: int, first_batch: int, consumed: int) -> Iterator[dict]:
+    def slice_batches(self, epoch: int, slot: int, first_batch: int, consumed: int, worker: int = 0
+                      ) -> Iterator[dict]:
         """Batches ``first_batch``.. of the slot's slice in ``epoch``, after ``consumed`` items."""
         layout, where = self.layout, f"rank {self.rank} slot {slot} epoch {epoch}"
         segments = layout.slot_segments(epoch, self.rank, slot)
@@ -117,7 +119,7 @@ class TrainStream(IterableDataset):
             # exactly the slot's remaining batches, collated in the worker (uint8; normalized by the loader)
             TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
-                         slot=slot, consumed=consumed, where=where),
+                         slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker),
         ))
 
 
@@ -137,6 +139,7 @@ class TrainLoader:
         self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
         self.bad, self.seen = 0, 0
         self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a layout change
+        self.reused_buffer_batches = 0  # batches that came through a reused shared buffer (BatchRing)
         self._iterator = None  # the live DataLoader iterator (one per iter(); workers run while it lives)
 
     @property
@@ -178,11 +181,13 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[dict]:
         lay = self.layout
-        stream = self.stream.starting_at(self.epoch, self.batches, self.consumed)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
-                            worker_init_fn=ignore_stop_signals)
-        expected = self.epoch * lay.steps_per_epoch + self.batches
         self.close()
+        ring = BatchRing.create(self.num_workers, self.stream.batch_shape)
+        stream = self.stream.starting_at(self.epoch, self.batches, self.consumed, ring)
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
+                            prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,
+                            worker_init_fn=init_worker)
+        expected = self.epoch * lay.steps_per_epoch + self.batches
         iterator = self._iterator = iter(loader)
         try:
             while True:
@@ -196,7 +201,16 @@ class TrainLoader:
                                        f"expected global batch {expected}")
                 expected += 1
                 self._account(batch, slot, consumed)
-                batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
+                worker, ring_slot = batch.pop("worker"), batch.pop("ring_slot", None)
+                if ring_slot is None:
+                    images = batch.pop("image")
+                else:
+                    images = ring.take(worker, ring_slot)
+                    self.reused_buffer_batches += 1
+                batch["image"] = self.stream.decoding.normalize(images, pin_memory=self.pin_memory)
+                batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+                if ring is not None and ring_slot is None:
+                    ring.release(worker)
                 yield batch
         finally:
             if self._iterator is iterator:
@@ -266,7 +280,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True,
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=init_worker)
         self.skipped, iterator = 0, iter(loader)
         for expected in range(self.num_batches):
             batch = _next(iterator)
@@ -274,6 +288,8 @@ class EvalLoader:
                 raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
             self.skipped += batch["skipped"]
             batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
+            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+            batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
             yield batch
 
 
@@ -297,7 +313,7 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
     hw = _image_hw(image_size)
     decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
                                          hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
-                         NormalizeBatch(cfg.mean, cfg.std, num_channels), num_channels)
+                         NormalizeBatch(cfg.mean, cfg.std, num_channels), num_channels, hw)
     if rank == 0:
         log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "
                  "epoch", layout.num_samples, len(shards), layout.steps_per_epoch, cfg.batch_size, world_size,
@@ -318,6 +334,6 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num
     layout = EvalLayout(tuple(s.num_samples for s in shards), batch_size, world_size, max(1, cfg.num_workers))
     hw = _image_hw(image_size)
     decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), NormalizeBatch(cfg.mean, cfg.std, num_channels),
-                         num_channels)
+                         num_channels, hw)
     stream = EvalStream(shards, layout, rank, decoding, (num_channels, *hw))
     return EvalLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory)

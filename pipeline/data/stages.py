@@ -16,6 +16,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import default_collate
 
+from .batch_ring import BatchRing
 from .partition import Segment, mix_seed
 from .sources import DataError
 from .tar_skip import read_range
@@ -187,10 +188,20 @@ class TrainBatches:
     """
 
     def __init__(self, batch_size: int, count: int, *, length: int, epoch: int, first_index: int, stride: int,
-                 slot: int, consumed: int, where: str):
+                 slot: int, consumed: int, where: str, ring: BatchRing | None = None, worker: int = 0):
         self.batch_size, self.count, self.length, self.epoch = batch_size, count, length, epoch
         self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
-        self.where = where
+        self.where, self.ring, self.worker = where, ring, worker
+
+    def collate(self, images: list[torch.Tensor]) -> dict:
+        """The batch's images: stacked into a reusable shared buffer when one is free."""
+        claim = self.ring.claim(self.worker) if self.ring is not None else None
+        if claim is None:
+            # default_collate stacks straight into (fresh) shared memory inside a worker
+            return {"image": default_collate(images), "worker": self.worker}  # uint8: the loader normalizes
+        slot, buffer = claim
+        torch.stack(images, out=buffer)
+        return {"ring_slot": slot, "worker": self.worker}
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         previous = self.consumed
@@ -203,9 +214,9 @@ class TrainBatches:
             first_pass = sum(1 for s in samples if s["__n__"] <= self.length)
             skipped = min(consumed, self.length) - min(previous, self.length) - first_pass
             yield {
-                # default_collate stacks straight into shared memory inside a worker (one copy less)
-                "image": default_collate([s["image"] for s in samples]),  # uint8: the loader normalizes
-                "label": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+                **self.collate([s["image"] for s in samples]),
+                # plain lists: a small tensor would cost a shared-memory file and a descriptor pass
+                "label": [s["label"] for s in samples],  # the loader makes it a tensor
                 "key": [s["__key__"] for s in samples],
                 "epoch": self.epoch,
                 "index": self.first_index + k * self.stride,  # batch number within the epoch
@@ -237,8 +248,8 @@ class EvalBatches:
             images = [s["image"] for s in samples] + [torch.zeros(self.image_shape, dtype=torch.uint8)] * pad
             yield {
                 "image": default_collate(images),  # uint8: the loader normalizes
-                "label": torch.tensor([s["label"] for s in samples] + [PAD_LABEL] * pad, dtype=torch.long),
-                "valid": torch.tensor([True] * len(samples) + [False] * pad),
+                "label": [s["label"] for s in samples] + [PAD_LABEL] * pad,  # lists: see TrainBatches
+                "valid": [True] * len(samples) + [False] * pad,
                 "key": [s["__key__"] for s in samples] + [""] * pad,
                 "index": self.first_index + k * self.stride,
                 "skipped": consumed - previous - len(samples),
