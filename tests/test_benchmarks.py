@@ -120,3 +120,14 @@ def test_options_from_defaults_and_table():
     assert (args.workers, args.seconds, args.dir, args.size) == ([2, 3], 1.5, "x", None)
     table = benchmark.format_table([{"a": 1, "b": 0.123456}, {"a": 22, "c": None}])
     assert table.splitlines()[0].split() == ["a", "b", "c"] and "0.1235" in table
+
+
+def test_data_suite(tmp_path):
+    result = bench(tmp_path, "data", "--images", "16", "--image-size", "32", "--batch-size", "4", "--workers", "0", "1",
+                   "--seconds", "0.3", "--rounds", "2")
+    assert result["ceiling_decode_crop"]["images_per_cpu_s"] > 0
+    for workers in ("0_workers", "1_workers"):
+        figures = result["loader"][workers]
+        assert len(figures["rounds"]) == 2 and figures["images_timed"] > 0
+        per_round = [r["per_worker_vs_ceiling"] for r in figures["rounds"]]
+        assert min(per_round) > 0 and figures["per_worker_vs_ceiling"] == pytest.approx(sum(per_round) / 2)

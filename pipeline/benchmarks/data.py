@@ -9,7 +9,8 @@ written into class folders in a temporary directory and sharded with ``make_shar
 - loader: the real training loader (tar reading, shuffle buffer, decode, augment, collate,
   transfer to the main process, normalization there) with 0 (in-process), 1 and 2 workers,
   timed after the first batch (worker start and the first shuffle-buffer fill excluded), and
-  compared with the mean of the ceilings measured just before and just after it.
+  compared with the mean of the ceilings measured just before and just after it; every setting
+  runs once per round (``rounds``, default 3), and each figure is the median over the rounds.
 
 Each figure is given per wall-clock second and per CPU second (the CPU time of the process
 doing the work: this thread for the tight loops, the worker processes for the loader, read from
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ from pipeline.data import build_train_loader
 from pipeline.data.shards import write_shards
 from pipeline.data.transforms import NormalizeBatch, decode, train_transform
 
-DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=8.0, seed=0)
+DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=5.0, rounds=3, seed=0)
 
 
 def synthetic_jpegs(count: int, seed: int, height: int = 375, width: int = 500) -> list[bytes]:
@@ -89,8 +91,8 @@ class DecodeCrop:
     def __init__(self, size: int):
         self.crop = v2.RandomResizedCrop(size, antialias=True)
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        return self.crop(decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+    def __call__(self, data: bytearray) -> torch.Tensor:
+        return self.crop(decode_image(torch.frombuffer(data, dtype=torch.uint8)))
 
 
 class FullTransform:
@@ -129,14 +131,16 @@ def loader_rate(cfg: DataConfig, size: int, seconds: float) -> dict:
 
 
 def run(args: argparse.Namespace | None = None) -> dict:
-    """Run the benchmark; ``args`` may set images, image_size, batch_size, workers, seconds, seed."""
+    """Run the benchmark; ``args`` may set images, image_size, batch_size, workers, seconds, rounds, seed."""
     opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ceiling is one worker's: one thread, like a DataLoader worker
     try:
         with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
-            jpegs = synthetic_jpegs(opts["images"], opts["seed"])
-            for i, data in enumerate(jpegs):
+            encoded = synthetic_jpegs(opts["images"], opts["seed"])
+            # The tight loops decode from bytearrays made beforehand, like the shard reader's: no copy
+            jpegs = [bytearray(data) for data in encoded]
+            for i, data in enumerate(encoded):
                 folder = Path(tmp, "src", f"class{i % 4}")
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / f"img{i:05d}.jpg").write_bytes(data)
@@ -145,28 +149,37 @@ def run(args: argparse.Namespace | None = None) -> dict:
             base = DataConfig(train_shards=pattern, batch_size=opts["batch_size"], shuffle_buffer=256,
                               augment="rrc", hflip=True, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
             size, seconds = opts["image_size"], opts["seconds"]
-            ceiling = tight_loop(jpegs, DecodeCrop(size), seconds)
             result = {
                 "images": len(jpegs),
                 "mean_jpeg_kb": round(sum(map(len, jpegs)) / len(jpegs) / 1024, 1),
                 "image_size": size,
                 "batch_size": opts["batch_size"],
-                "ceiling_decode_crop": ceiling,
+                "ceiling_decode_crop": tight_loop(jpegs, DecodeCrop(size), seconds),
                 "transform_tight_loop": tight_loop(jpegs, FullTransform(size, base), seconds),
                 "loader": {},
             }
-            for workers in opts["workers"]:
-                cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
-                figures = loader_rate(cfg, size, seconds)
-                # The ceiling again right after, so that both see about the same machine load.
-                after = tight_loop(jpegs, DecodeCrop(size), seconds / 2)
-                near = {k: (ceiling[k] + after[k]) / 2 for k in ceiling}
-                figures["per_worker_vs_ceiling"] = round(figures["images_per_worker_cpu_s"]
-                                                         / near["images_per_cpu_s"], 3)
-                figures["per_worker_vs_ceiling_wall"] = round(figures["images_per_s_per_worker"]
-                                                              / near["images_per_s"], 3)
-                result["loader"][f"{workers}_workers"] = figures
-                ceiling = after
+            # Rounds: every loader setting once per round, each next to its own ceiling measurement
+            # (the mean of one just before and one just after), so that load changes on a shared
+            # machine hit both sides of a ratio; the median over rounds is the figure.
+            ceiling = result["ceiling_decode_crop"]
+            rounds = {workers: [] for workers in opts["workers"]}
+            for _ in range(max(1, opts["rounds"])):
+                for workers in opts["workers"]:
+                    cfg = DataConfig(**{**base.__dict__, "num_workers": workers})
+                    figures = loader_rate(cfg, size, seconds)
+                    after = tight_loop(jpegs, DecodeCrop(size), seconds / 2)
+                    near = {k: (ceiling[k] + after[k]) / 2 for k in ceiling}
+                    figures["ceiling_images_per_cpu_s"] = round(near["images_per_cpu_s"], 1)
+                    figures["per_worker_vs_ceiling"] = round(figures["images_per_worker_cpu_s"]
+                                                             / near["images_per_cpu_s"], 3)
+                    figures["per_worker_vs_ceiling_wall"] = round(figures["images_per_s_per_worker"]
+                                                                  / near["images_per_s"], 3)
+                    rounds[workers].append(figures)
+                    ceiling = after
+            for workers, runs in rounds.items():
+                summary = {key: statistics.median(run[key] for run in runs)
+                           for key in runs[0] if isinstance(runs[0][key], (int, float))}
+                result["loader"][f"{workers}_workers"] = {**summary, "rounds": runs}
             return result
     finally:
         torch.set_num_threads(threads)

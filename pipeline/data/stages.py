@@ -143,7 +143,7 @@ class DecodeSample:
         try:
             label = int(sample["cls"])
         except ValueError:
-            raise BadSample(key, f"label {sample['cls'][:20]!r} is not an integer") from None
+            raise BadSample(key, f"label {bytes(sample['cls'][:20])!r} is not an integer") from None
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})")

@@ -138,7 +138,7 @@ class _TarReader:
             if member.isreg():
                 yield member
 
-    def data(self, member: _Member | tarfile.TarInfo) -> bytes:
+    def data(self, member: _Member | tarfile.TarInfo) -> bytes | bytearray:
         """The member's bytes: a seek + read where the tar is a plain file, else through tarfile."""
         tar = self.tar if self._walker is None else self._walker.tar
         if tar is not None and (tar.fileobj is not self.stream or member.issparse()):  # pipe or compressed
@@ -146,8 +146,8 @@ class _TarReader:
         # (tarfile.extractfile() wraps every member in two file objects; the walkers seek to the
         # next header themselves.)
         self.stream.seek(member.offset_data)
-        data = self.stream.read(member.size)
-        if len(data) != member.size:
+        data = bytearray(member.size)  # writable: the decoder wraps it without another copy
+        if self.stream.readinto(data) != member.size:
             raise tarfile.ReadError("unexpected end of data")
         return data
 

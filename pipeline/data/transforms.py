@@ -26,9 +26,14 @@ def check_channels(num_channels: int) -> None:
         raise ValueError(f"num_channels must be 1 or 3 for image data, got {num_channels}")
 
 
-def decode(data: bytes, num_channels: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor (channels, height, width)."""
-    image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_MODES[num_channels])
+def decode(data: bytes | bytearray, num_channels: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor (channels, height, width).
+
+    A bytearray (what the shard reader returns) is wrapped as it is; bytes are copied once into
+    one, because torch.frombuffer wants a writable buffer.
+    """
+    buffer = data if isinstance(data, bytearray) else bytearray(data)
+    image = decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=_MODES[num_channels])
     return image[0] if image.ndim == 4 else image  # animated GIF: first frame
 
 
