@@ -75,6 +75,12 @@ class ModelConfig:
     activation_checkpointing: str = "none"
 
     def __post_init__(self) -> None:
+        if self.size is not None:  # built directly: the size fills the fields left at their defaults
+            _require(self.size in MODEL_SIZES,
+                     f"model.size '{self.size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
+            for key, value in MODEL_SIZES[self.size].items():
+                if getattr(self, key) == _MODEL_FIELD_DEFAULTS[key]:
+                    setattr(self, key, value)
         _require(self.hidden_size > 0, f"model.hidden_size must be positive, got {self.hidden_size}")
         _require(self.num_hidden_layers > 0,
                  f"model.num_hidden_layers must be positive, got {self.num_hidden_layers}")
@@ -132,6 +138,9 @@ def _pair(key: str, value: int | list[int] | tuple[int, int]) -> tuple[int, int]
     _require(isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value),
              f"{key} must be an integer or a list [height, width], got {value!r}")
     return int(value[0]), int(value[1])
+
+
+_MODEL_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclass
@@ -335,12 +344,16 @@ def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}")
-    if cls is ModelConfig and raw.get("size") is not None:
-        size = raw["size"]
+    size = raw.get("size") if cls is ModelConfig else None
+    if size is not None:
         _require(size in MODEL_SIZES, f"model.size '{size}' is unknown; choose one of {', '.join(MODEL_SIZES)}")
-        raw = {**MODEL_SIZES[size], **raw}
+        # From a file every given field is explicit and wins, even one equal to a B/16 default.
+        raw = {**MODEL_SIZES[size], **raw, "size": None}
     values = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in raw.items()}
-    return cls(**values)
+    section = cls(**values)
+    if size is not None:
+        section.size = size  # recorded after __post_init__, which would fill default-valued fields
+    return section
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import MODEL_SIZES, ConfigError, load_config
+from pipeline.config import MODEL_SIZES, ConfigError, ModelConfig, dump_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,3 +104,19 @@ def test_cli_check_prints_resolved_config(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout
+
+
+def test_size_applies_when_model_config_is_built_directly():
+    small = ModelConfig(size="S/16")
+    assert (small.hidden_size, small.num_attention_heads, small.intermediate_size) == (384, 6, 1536)
+    narrower = ModelConfig(size="S/16", hidden_size=192, image_size=32)
+    assert (narrower.hidden_size, narrower.num_attention_heads, narrower.image_size) == (192, 6, 32)
+    with pytest.raises(ConfigError, match="model.size 'XL/99' is unknown"):
+        ModelConfig(size="XL/99")
+
+
+def test_fields_in_a_file_win_over_the_size_even_at_b16_values(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  size: L/16\n  hidden_size: 768\n  num_attention_heads: 12\n"))
+    assert (cfg.model.size, cfg.model.hidden_size, cfg.model.num_hidden_layers) == ("L/16", 768, 24)
+    dump_config(cfg, tmp_path / "dumped.yaml")
+    assert load_config(tmp_path / "dumped.yaml").model == cfg.model

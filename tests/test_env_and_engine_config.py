@@ -49,6 +49,15 @@ def test_derived_deepspeed_config():
     assert ds["gradient_clipping"] == 0.5
 
 
+def test_zero3_reduce_bucket_default_is_smaller_and_overridable():
+    assert build_deepspeed_config(cfg("train.zero_stage=3"), world_size=2)["zero_optimization"] == {
+        "stage": 3, "reduce_bucket_size": 20_000_000}
+    ds = build_deepspeed_config(cfg("train.zero_stage=3", "deepspeed.zero_optimization={reduce_bucket_size: 500000000}"),
+                                world_size=2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000
+    assert "reduce_bucket_size" not in build_deepspeed_config(cfg("train.zero_stage=2"), 2)["zero_optimization"]
+
+
 def test_bf16_at_zero0_uses_autocast_not_deepspeed_bf16():
     ds = build_deepspeed_config(cfg("train.zero_stage=0", "train.precision=bf16"), world_size=1)
     assert not ds["bf16"]["enabled"]

@@ -136,14 +136,9 @@ def option(args, name: str, default):
 
 
 def model_config(size: str, **overrides):
-    """A ModelConfig of a named size (MODEL_SIZES), explicit fields winning.
-
-    ``ModelConfig(size="S/16")`` alone keeps the B/16 defaults (the size is applied by
-    ``load_config``), so the named fields are spelled out here.
-    """
+    """A ModelConfig of a named size (MODEL_SIZES), the given fields (not None) winning."""
     from pipeline.config import MODEL_SIZES, ModelConfig
 
     if size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    return ModelConfig(**{**MODEL_SIZES[size], "size": size, **overrides})
+    return ModelConfig(size=size, **{k: v for k, v in overrides.items() if v is not None})

@@ -106,6 +106,13 @@ def merge_deepspeed_config(derived: dict, user: dict, prefix: str = "") -> dict:
     return merged
 
 
+# ZeRO-3 defaults that users may override: DeepSpeed's 5e8-element reduce bucket is a buffer
+# as large as a ViT-B's weights, so ZeRO-3 held 62.6% of ZeRO-0's state per rank on 2 ranks
+# (bf16, B/16); with 2e7 elements (40 MB in bf16, still one large all-reduce) 52.9%, at the
+# same step time (docs/PERFORMANCE.md, memory).
+ZERO3_DEFAULTS = {"reduce_bucket_size": 20_000_000}
+
+
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     merged = merge_deepspeed_config(derived_deepspeed_config(cfg, world_size), cfg.deepspeed)
     for key, value in DEFAULTS.items():
@@ -113,6 +120,9 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             merged[key] = {**value, **merged.get(key, {})}
         else:
             merged.setdefault(key, value)
+    zero = merged.get("zero_optimization", {})
+    if zero.get("stage") == 3:
+        merged["zero_optimization"] = {**ZERO3_DEFAULTS, **zero}
     return merged
 
 
