@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpoint
+from pipeline.compiling import compile_layers, compile_summary
 from pipeline.config import Config, dump_config
 from pipeline.data import LedgerWriter, build_eval_loader, build_train_loader
 from pipeline.distributed.engine import autocast_context, build_engine, device_for
@@ -99,8 +100,8 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model)
         if cfg.train.compile:
-            for layer in model.vit.encoder.layer:  # per layer: composes with checkpointing and ZeRO hooks
-                layer.compile()
+            log.info("torch.compile: compiling %d encoder layers (the first step takes longer)",
+                     compile_layers(model))
         image_hw, channels = cfg.model.image_hw, cfg.model.num_channels
         self.train_loader = build_train_loader(cfg.data, image_size=image_hw, num_channels=channels,
                                                seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
@@ -173,6 +174,7 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.train_loader)
         window = _Window()
+        compile_reported = not cfg.train.compile
         self.engine.train()
         while self.step < cfg.train.max_steps:
             step_start = time.perf_counter()
@@ -198,6 +200,9 @@ class Trainer:
                 window.add_loss(loss.detach())
                 micro += 1
             self.step += 1
+            if not compile_reported:
+                log.info("torch.compile after the first step: %s", compile_summary())
+                compile_reported = True
             window.steps += 1
             window.elapsed += time.perf_counter() - step_start
             if self.ledger is not None:
