@@ -24,6 +24,7 @@ from pipeline.config import Config, dump_config
 from pipeline.data import LedgerWriter, build_eval_loader, build_train_loader
 from pipeline.distributed.engine import autocast_context, build_engine, device_for
 from pipeline.distributed.env import DistributedEnv
+from pipeline.heap import keep_heap
 from pipeline.metrics import ProgressBar, build_metrics_writer, device_peak_flops
 from pipeline.model import build_model, vit_flops
 from pipeline.optim import apply_current_schedule, build_optimizer, build_scheduler
@@ -78,6 +79,8 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None):
         self.cfg, self.env = cfg, env
         self.device = device_for(env)
+        if self.device.type == "cpu":
+            keep_heap()  # no caching allocator on the CPU: reuse freed memory across steps (heap.py)
         self.output_dir = Path(cfg.train.output_dir)
         self.step = 0
         self.nonfinite_steps = 0

@@ -70,11 +70,11 @@ def test_step_suite_overhead(tmp_path):
 
 
 def test_roofline_suite(tmp_path):
-    result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
+    result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
                    "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "--threads", "1")
     figures = result["precisions"]["fp32"]
     assert figures["matmul_gflop_per_s"] > 0 and figures["gflop_per_step"] > 0
-    for name in ("ours_fwd_bwd", "ours_train_step", "timm_fwd_bwd"):
+    for name in ("ours_fwd_bwd", "ours_train_step", "ours_compiled_fwd_bwd", "timm_fwd_bwd"):
         assert figures["contenders"][name]["fraction_of_matmul"] > 0
 
 

@@ -7,6 +7,8 @@ after the steps (the higher is the ceiling). Timed side by side:
 
 - ``ours_fwd_bwd``: our model, forward + backward only (what the peers' figures in FACTS.md time);
 - ``ours_train_step``: the full plain step (+ loss, clipping, AdamW, LR schedule);
+- ``ours_compiled_fwd_bwd``: the same with every encoder layer torch.compile'd (``train.compile``);
+  its compilation happens in the warm-up rounds;
 - ``timm_fwd_bwd``: timm's VisionTransformer with our weights, the reference peer.
 
 Goals on CPU: >= 93% of the matmul in fp32 and >= 80% in bf16.
@@ -20,10 +22,12 @@ import torch
 from pipeline.benchmarks import peers, steps
 from pipeline.benchmarks.common import interleaved, matmul_flops, option, set_threads, summarize
 from pipeline.benchmarks.model import train_step_fn
+from pipeline.compiling import compile_layers
+from pipeline.heap import keep_heap
 from pipeline.model import vit_flops
 
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], repeats=5, warmup=1,
-                mm_size=2048, mm_repeats=5, threads=None, peer=True)
+                mm_size=2048, mm_repeats=5, threads=None, peer=True, compile=True)
 GOALS = {"fp32": 0.93, "bf16": 0.80}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -40,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--no-peer", dest="peer", action="store_false", default=None,
                         help="skip timm's fwd+bwd reference")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None,
+                        help="skip the torch.compile'd (per layer) fwd+bwd")
 
 
 def run_precision(opts: dict, precision: str) -> dict:
@@ -49,6 +55,10 @@ def run_precision(opts: dict, precision: str) -> dict:
     model = steps.build_seeded_model(cfg)
     contenders = {"ours_fwd_bwd": train_step_fn(model, lambda x: model(x).logits, images, precision),
                   "ours_train_step": steps.plain_step(cfg, steps.build_seeded_model(cfg), images, labels)}
+    if opts["compile"]:  # train.compile=true: every encoder layer compiled (the first call compiles)
+        compiled = steps.build_seeded_model(cfg)
+        compile_layers(compiled)
+        contenders["ours_compiled_fwd_bwd"] = train_step_fn(compiled, lambda x: compiled(x).logits, images, precision)
     if opts["peer"]:
         timm_model = peers.build_timm(cfg.model, model.vit)
         contenders["timm_fwd_bwd"] = train_step_fn(timm_model.train(), timm_model.forward_features, images, precision)
@@ -75,6 +85,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     """Achieved FLOP/s of fwd+bwd and of the full step against the same-precision matmul."""
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     threads = set_threads(opts["threads"])
+    keep_heap()  # as the trainer does on CPU (pipeline/heap.py)
     result = {"settings": {**opts, "threads": threads}, "precisions": {}, "rows": []}
     for precision in opts["precisions"]:
         figures = run_precision(opts, precision)

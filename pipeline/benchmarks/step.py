@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from pipeline.benchmarks import steps
+from pipeline.heap import keep_heap
 from pipeline.benchmarks.common import interleaved, option, set_threads, summarize
 
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     """Step-time medians of the engine per ZeRO stage and of the plain step; overhead in %."""
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     threads = set_threads(opts["threads"])
+    keep_heap()  # as the trainer does on CPU (pipeline/heap.py): both contenders get it
     created = steps.single_process_group()
     result = {"settings": {**opts, "threads": threads}, "precisions": {}, "rows": []}
     try:
