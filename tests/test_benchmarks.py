@@ -123,10 +123,11 @@ def test_options_from_defaults_and_table():
 
 
 def test_data_suite(tmp_path):
-    result = bench(tmp_path, "data", "--images", "16", "--image-size", "32", "--batch-size", "4", "--workers", "0", "1",
+    result = bench(tmp_path, "data", "--images", "16", "--image-size", "32", "--batch-size", "4", "--workers", "0", "2",
                    "--seconds", "0.3", "--rounds", "2")
     assert result["ceiling_decode_crop"]["images_per_cpu_s"] > 0
-    for workers in ("0_workers", "1_workers"):
+    assert result["loader"]["2_workers"]["per_worker_vs_parallel_ceiling"] > 0
+    for workers in ("0_workers", "2_workers"):
         figures = result["loader"][workers]
         assert len(figures["rounds"]) == 2 and figures["images_timed"] > 0
         per_round = [r["per_worker_vs_ceiling"] for r in figures["rounds"]]
