@@ -165,6 +165,7 @@ class Trainer:
             return self._loop(writer, bar)
         finally:
             self.train_loader.close()  # stop the workers before the process group goes away
+            checkpoint.wait_for_prune()  # the run ends with keep_last checkpoints, not more
             bar.close()
             writer.close()
             if self.ledger is not None:

@@ -8,6 +8,7 @@ import os
 import pickle
 import random
 import signal
+import time
 import zipfile
 from pathlib import Path
 
@@ -306,3 +307,44 @@ def test_model_config_fields_are_all_known_to_the_resume_check():
                                                                      "layer_norm_eps", "encoder_stride",
                                                                      "pooler_act"}
     assert fields == classified, fields ^ classified
+
+
+def test_saves_skip_the_crc32_that_torch_load_never_checks(tmp_path):
+    from torch.utils.serialization import config
+
+    tensor = torch.arange(1000, dtype=torch.float32)
+    with ckpt._without_crc32():
+        assert config.save.compute_crc32 is False
+        torch.save({"t": tensor}, tmp_path / "fast.pt")
+    assert config.save.compute_crc32 is True  # restored for everyone else
+    torch.save({"t": tensor}, tmp_path / "plain.pt")
+    with zipfile.ZipFile(tmp_path / "fast.pt") as fast, zipfile.ZipFile(tmp_path / "plain.pt") as plain:
+        data = [i for i in fast.infolist() if i.filename.endswith("/data/0")][0]
+        assert data.CRC == 0 and [i for i in plain.infolist() if i.filename.endswith("/data/0")][0].CRC != 0
+    assert torch.equal(torch.load(tmp_path / "fast.pt")["t"], tensor)
+
+
+def test_old_checkpoints_go_in_the_background_never_during_a_save(tmp_path, no_dist, monkeypatch):
+    events, real_prune = [], ckpt.prune
+
+    def slow_prune(root, keep_last):
+        events.append("prune starts")
+        time.sleep(0.3)
+        real_prune(root, keep_last=keep_last)
+        events.append("prune ends")
+
+    class RecordingEngine(FakeEngine):
+        def save_checkpoint(self, *args, **kwargs):
+            events.append("save writes")
+            super().save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "prune", slow_prune)
+    engine = RecordingEngine()
+    for step in (1, 2, 3):
+        save(engine, tmp_path, step)  # keep_last=2
+    assert events[-1] == "prune starts"  # save 3 returned while its prune still runs
+    save(engine, tmp_path, 4)
+    assert events[-4:] == ["prune starts", "prune ends", "save writes", "prune starts"]
+    ckpt.wait_for_prune()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step-3", "step-4"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-3", "step-4"]

@@ -6,7 +6,8 @@ that every optimizer state exists, then:
 
 - save: ``pipeline.checkpoint.save`` as training calls it (DeepSpeed's write, fsync of every
   file, barrier, marker, pointer, prune), ``repeats`` times; split into write / fsync (+ waiting
-  for the slowest rank) / commit;
+  for the slowest rank) / commit; old checkpoints are pruned in the background afterwards, as
+  training steps run; here the next save starts after it (``background_prune_s``, not in the save);
 - load cold: the pages of the checkpoint are dropped from the page cache first
   (``posix_fadvise(DONTNEED)`` after the fsync, no privileges needed), then
   ``pipeline.checkpoint.load``; load warm: the same again with the pages cached;
@@ -116,6 +117,10 @@ def worker(opts: argparse.Namespace) -> None:
     from pipeline.optim import build_optimizer, build_scheduler
 
     env = resolve_env()
+    if not torch.cuda.is_available():
+        from pipeline.heap import keep_heap
+
+        keep_heap()  # as the trainer does on CPU
     init_process_group(env, timeout_s=1800)
     work = Path(opts.dir)
     cfg = load_config(None, [f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
@@ -133,13 +138,15 @@ def worker(opts: argparse.Namespace) -> None:
     engine.step()
 
     marker = {"world_size": env.world_size, "zero_stage": cfg.train.zero_stage, "model": cfg.model.__dict__}
-    saves, phases = [], []
+    saves, phases, prune_waits = [], [], []
     for step in range(1, opts.repeats + 1):
         timings: dict = {}
         saves.append(_timed(lambda: checkpoint.save(engine, output_dir=work, step=step, client_state={"step": step},
                                                      marker_info=marker, keep_last=1, rank=env.rank,
                                                      timings=timings), dist, "save"))
         phases.append(timings)
+        # In training, steps run while the previous checkpoint is pruned in the background.
+        prune_waits.append(_timed(checkpoint.wait_for_prune, dist, "prune"))
     tag_dir = checkpoint.latest_complete(work)
     files = _dir_bytes(tag_dir)
     total = sum(files.values())
@@ -180,6 +187,7 @@ def worker(opts: argparse.Namespace) -> None:
             "bytes_written": total, "files": files, "repeats": opts.repeats,
             "save_s": round(save_s, 3), "save_s_all": [round(s, 3) for s in saves],
             "save_phases_rank0_s": {k: round(statistics.median(p[k] for p in phases), 3) for k in phases[0]},
+            "background_prune_s": round(statistics.median(prune_waits), 3),
             "save_MBps": round(mb / save_s, 1),
             "load_cold_s": round(load_s, 3), "load_cold_s_all": [round(s, 3) for s in loads_cold],
             "load_warm_s": round(statistics.median(loads_warm), 3),
