@@ -24,9 +24,16 @@ STEPS = 16  # per run; periodic checkpoints every EVERY steps
 EVERY = 4
 
 
-def common(shards: Path, stage: int) -> list[str]:
+# A wider, deeper model for the preemption pair: its checkpoint (~80 MB) takes long enough to
+# write and fsync that a second signal lands inside the save every time; the tiny model's save
+# is over in a few ms, less than the test's polling and signalling take on a busy machine.
+SLOW_SAVE = ["model.hidden_size=256", "model.intermediate_size=1024", "model.num_hidden_layers=6"]
+
+
+def common(shards: Path, stage: int, slow_save: bool = False) -> list[str]:
     return [*TINY, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
-            f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true"]
+            f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true",
+            *(SLOW_SAVE if slow_save else [])]
 
 
 @dataclass
@@ -152,11 +159,11 @@ class Pair:
     notes: dict = field(default_factory=dict)
 
 
-def uninterrupted(base: Path, shards: Path, stage: int) -> Path:
-    key = f"full-{stage}"
+def uninterrupted(base: Path, shards: Path, stage: int, slow_save: bool = False) -> Path:
+    key = f"full-{stage}-{slow_save}"
     if key not in _CACHE:
-        out = base / f"full-zero{stage}"
-        job = run(2, out, common(shards, stage))
+        out = base / f"full-zero{stage}{'-slow-save' if slow_save else ''}"
+        job = run(2, out, common(shards, stage, slow_save))
         assert job.returncode == 0, job.log[-3000:]
         _CACHE[key] = out
     return _CACHE[key]
@@ -168,9 +175,9 @@ def preempted_pair(base: Path, shards: Path, stage: int = 2) -> Pair:
     key = f"preempted-{stage}"
     if key in _CACHE:
         return _CACHE[key]
-    full = uninterrupted(base, shards, stage)
+    full = uninterrupted(base, shards, stage, slow_save=True)
     out = base / f"preempted-zero{stage}"
-    first = launch(2, out, common(shards, stage))
+    first = launch(2, out, common(shards, stage, slow_save=True))
     wait_until(lambda: ledger_steps(out, 0) >= 2 and ledger_steps(out, 1) >= 2, first, "step 2")
     workers = first.worker_pids()
     assert len(workers) == 2, workers
@@ -203,7 +210,7 @@ def preempted_pair(base: Path, shards: Path, stage: int = 2) -> Pair:
              "exit_status": (out / "exit_status").read_text().strip() if (out / "exit_status").is_file() else None,
              "ledger_steps": [[line["step"] for line in ledger_lines(out, rank)] for rank in (0, 1)],
              "checkpoints": sorted(p.name for p in root.glob("step-*") if (p / "COMPLETE").is_file())}
-    second = run(2, out, common(shards, stage))
+    second = run(2, out, common(shards, stage, slow_save=True))
     _CACHE[key] = Pair(stage=stage, full=full, interrupted=out, first=first, second=second, notes=notes)
     return _CACHE[key]
 
