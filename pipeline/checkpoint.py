@@ -282,8 +282,7 @@ def _prune_in_background(root: Path, keep_last: int) -> None:
     """Old checkpoints are deleted while training goes on: removing ~1 GB took 0.2 s of every
     save, with all ranks waiting. Cut short (the process ends), it leaves a directory without
     its marker, which nobody loads and the next prune removes."""
-    global _pruner
-    wait_for_prune()
+    global _pruner  # save() has joined the previous one already
     _pruner = threading.Thread(target=prune, args=(root,), kwargs={"keep_last": keep_last},
                                name="checkpoint-prune", daemon=True)
     _pruner.start()

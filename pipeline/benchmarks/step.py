@@ -14,8 +14,8 @@ import argparse
 import torch
 
 from pipeline.benchmarks import steps
-from pipeline.heap import keep_heap
 from pipeline.benchmarks.common import interleaved, option, set_threads, summarize
+from pipeline.heap import keep_heap
 
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=5, warmup=2, threads=None)

@@ -8,7 +8,7 @@ in the worker, a fifth of what decoding the image costs (docs/PERFORMANCE.md, da
 Here the main process allocates, before the workers start, ``depth`` batch buffers per worker
 in shared memory (inherited by forked workers, passed by handle to spawned ones). A worker
 stacks its batch into its next free buffer and sends only the buffer's number; the main
-process normalizes straight out of it and then marks it released in a shared counter. After
+process copies it out (then normalizes the copy) and marks it released in a shared counter. After
 the first ``depth`` batches no page is faulted again and no descriptor is passed.
 
 A buffer is reused only once the main process has released it; if it has not (never under the
@@ -18,6 +18,7 @@ main process's receipts), the worker falls back to an ordinary fresh batch, so i
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -43,10 +44,7 @@ class BatchRing:
 
     @staticmethod
     def nbytes(num_workers: int, batch_shape: tuple[int, ...], depth: int = DEPTH) -> int:
-        count = num_workers * depth
-        for dim in batch_shape:
-            count *= dim
-        return count
+        return num_workers * depth * math.prod(batch_shape)
 
     @classmethod
     def create(cls, num_workers: int, batch_shape: tuple[int, ...]) -> BatchRing | None:

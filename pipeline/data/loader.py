@@ -241,10 +241,10 @@ class TrainLoader:
 class EvalStream(IterableDataset):
     """One rank's evaluation pass: every sample of its part once, padded to equal batch counts."""
 
-    def __init__(self, shards: list[Shard], layout: EvalLayout, rank: int, decoding: _Decoding,
-                 image_shape: tuple[int, int, int]):
+    def __init__(self, shards: list[Shard], layout: EvalLayout, rank: int, decoding: _Decoding):
         self.urls, self.offsets = [s.url for s in shards], shard_offsets(layout.counts)
-        self.layout, self.rank, self.decoding, self.image_shape = layout, rank, decoding, image_shape
+        self.layout, self.rank, self.decoding = layout, rank, decoding
+        self.image_shape = (decoding.num_channels, *decoding.image_size)  # of the padding images
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -335,5 +335,5 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num
     hw = _image_hw(image_size)
     decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), NormalizeBatch(cfg.mean, cfg.std, num_channels),
                          num_channels, hw)
-    stream = EvalStream(shards, layout, rank, decoding, (num_channels, *hw))
+    stream = EvalStream(shards, layout, rank, decoding)
     return EvalLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory)

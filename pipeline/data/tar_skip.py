@@ -38,6 +38,13 @@ def _tarfile(stream) -> tarfile.TarFile:
     return tarfile.open(fileobj=stream, mode="r:*" if seekable else "r|*")
 
 
+def _regular_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while (member := tar.next()) is not None:
+        tar.members = []  # keep memory flat on long shards (as webdataset does)
+        if member.isreg():
+            yield member
+
+
 class _Member:
     """The fields of a tar member the readers use (a subset of ``tarfile.TarInfo``)."""
 
@@ -109,10 +116,7 @@ class _UstarWalker:
             if parsed is None:  # tarfile reads this header and the rest
                 stream.seek(at)
                 self.tar = _tarfile(stream)
-                while (member := self.tar.next()) is not None:
-                    self.tar.members = []
-                    if member.isreg():
-                        yield member
+                yield from _regular_members(self.tar)
                 return
             name, size, kind = parsed
             if kind in self._REGULAR and not name.endswith("/"):  # (old tars mark directories so)
@@ -130,13 +134,7 @@ class _TarReader:
             self.members = self._walker.members()
         else:
             self._walker, self.tar = None, _tarfile(self.stream)
-            self.members = self._tar_members()
-
-    def _tar_members(self) -> Iterator[tarfile.TarInfo]:
-        while (member := self.tar.next()) is not None:
-            self.tar.members = []  # keep memory flat on long shards (as webdataset does)
-            if member.isreg():
-                yield member
+            self.members = _regular_members(self.tar)
 
     def data(self, member: _Member | tarfile.TarInfo) -> bytes | bytearray:
         """The member's bytes: a seek + read where the tar is a plain file, else through tarfile."""
