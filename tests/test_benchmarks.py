@@ -69,6 +69,32 @@ def test_step_suite_overhead(tmp_path):
     assert len({s["first_loss"] for s in stats.values()}) == 1
 
 
+ZERO3_LINEAR_CHECK = """
+import torch, torch.nn.functional as F
+from pipeline.benchmarks import steps
+torch_linear = F.linear
+steps.single_process_group()
+cfg = steps.train_config("tiny", batch_size=2, precision="fp32", zero_stage=3)
+images, labels = steps.synthetic_batch(cfg)
+step, _ = steps.engine_step(cfg, steps.build_seeded_model(cfg), images, labels)
+seen = []
+step(lambda: seen.append(F.linear))
+print("outside", F.linear is torch_linear, "inside", seen[0] is not torch_linear, seen[0].__name__)
+"""
+
+
+def test_zero3_engine_step_keeps_its_linear_to_itself():
+    """DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear process-wide; the other contenders of a
+    suite must run torch's (a plain step ran 9% slower beside a ZeRO-3 engine before this)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run([sys.executable, "-c", ZERO3_LINEAR_CHECK], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "outside True inside True zero3_linear_wrap" in done.stdout
+
+
 def test_roofline_suite(tmp_path):
     result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
                    "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "--threads", "1")
