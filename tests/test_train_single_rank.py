@@ -69,6 +69,20 @@ def test_gradient_accumulation_equals_the_full_batch(one_rank_group, stage):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)  # Adam rescales tiny gradients
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_one_rank_zero0_skips_the_all_reduce_and_trains_the_same(one_rank_group, precision):
+    """With one data-parallel rank the gradient all-reduce is an identity: skipped, bit for bit the same."""
+    batches = fixed_batches(3, 8)
+    skipping = make_engine(tiny_cfg("train.zero_stage=0", f"train.precision={precision}"))
+    reducing = make_engine(tiny_cfg("train.zero_stage=0", f"train.precision={precision}"))
+    assert skipping.enable_backward_allreduce is False
+    reducing.enable_backward_allreduce = True  # DeepSpeed's own behaviour
+    assert train_steps(skipping, batches, 1) == train_steps(reducing, batches, 1)
+    for a, b in zip(skipping.module.parameters(), reducing.module.parameters()):
+        assert torch.equal(a, b)
+    assert make_engine(tiny_cfg("train.zero_stage=2")).enable_backward_allreduce  # ZeRO 1-3 keep their reduce
+
+
 def test_activation_checkpointing_gives_the_same_losses(one_rank_group):
     batches = fixed_batches(4, 8)
     plain = train_steps(make_engine(tiny_cfg("model.activation_checkpointing=none")), batches, 1)

@@ -181,6 +181,11 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
     else:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer_factory(model), lr_scheduler=scheduler_factory, config=ds_config)
+    if cfg.train.zero_stage == 0 and engine.dp_world_size == 1:
+        # One data-parallel rank: DeepSpeed would flatten every gradient, all-reduce it with itself
+        # and copy it back (29 ms of a 0.46 s ViT-S/16 bf16 step on CPU) for the same gradients.
+        # ZeRO 1-3 need their reduce: it moves the gradients into the optimizer's partitions.
+        engine.enable_backward_allreduce = False
     log.info("DeepSpeed engine: ZeRO-%d, precision %s%s, micro-batch %d, grad accumulation %d, world size %d",
              cfg.train.zero_stage, cfg.train.precision, " (autocast, fp32 weights)" if uses_autocast(cfg) else "",
              cfg.data.batch_size, cfg.train.grad_accum_steps, world_size)
