@@ -376,11 +376,11 @@ def load(engine: Any, plan: ResumePlan, *, output_dir: str | Path) -> dict:
         tag_dir = universal_dir(tag_dir, root)
         if not is_complete(tag_dir):
             raise CheckpointError(f"universal conversion of '{plan.tag_dir}' did not complete; see rank 0's log")
-    from pipeline.checkpoint_read import faster_reads
+    from pipeline.checkpoint_read import faster_reads, materialized
 
     with faster_reads(engine):  # same result as DeepSpeed's reads, in about half the time
         path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load '{tag_dir}'; the files are missing or unreadable")
-    return client_state or {}
+    return materialized(client_state or {})  # nothing we keep refers to the checkpoint's files

@@ -12,6 +12,9 @@ Two things cost a load most of its time (ViT-B/16, ZeRO-2, bf16, 2 ranks on 2 co
 The copy matters: a tensor left on the mapping keeps the checkpoint's file open, so a pruned
 checkpoint's disk space would stay taken while, say, Adam's moments live. After ``materialized``
 no loaded tensor refers to the file; tensors that shared a storage in the file still share one.
+Only a model-states file without optimizer state (ZeRO 1-3) is used straight from its mapping:
+DeepSpeed copies its weights into the model, and the caller copies off the client state it
+returns (``pipeline.checkpoint.load``); a test checks that nothing stays mapped after a load.
 """
 from __future__ import annotations
 
@@ -59,11 +62,23 @@ def materialized(obj: Any) -> Any:
     return obj
 
 
-def read(path: str | os.PathLike, map_location: Any = None) -> Any:
-    """``torch.load(path)`` as DeepSpeed calls it, through a mapping of the file and one copy."""
+def read(path: str | os.PathLike, map_location: Any = None, *, copy: bool = True) -> Any:
+    """``torch.load(path)`` as DeepSpeed calls it, through a mapping of the file and, unless
+    ``copy`` is false, one copy off it (then the tensors may still refer to the file)."""
     if not zipfile.is_zipfile(path):  # torch's legacy format cannot be mapped
         return torch.load(path, map_location=map_location, weights_only=False)
-    return materialized(torch.load(path, map_location=map_location, weights_only=False, mmap=True))
+    state = torch.load(path, map_location=map_location, weights_only=False, mmap=True)
+    return materialized(state) if copy else state
+
+
+def _read_model_states(path: str, map_location: Any) -> Any:
+    """A model-states file's weights are only copied into the model's own parameters, so they are
+    read straight from the mapping (the mapping goes with the object, at the end of the load).
+    At ZeRO-0 the file also holds the optimizer's state, which the optimizer keeps: copied off."""
+    state = read(path, map_location, copy=False)
+    if not isinstance(state, dict) or state.get("optimizer") is not None:
+        materialized(state)
+    return state
 
 
 @contextlib.contextmanager
@@ -71,7 +86,8 @@ def faster_reads(engine: Any):
     """Within this block, ``engine``'s checkpoint reads go through ``read``, and a model-states file
     read a second time is served from the first read. Only DeepSpeed's plain torch reader is
     replaced (another configured reader keeps its own ``load``); model-states objects are kept
-    only until asked for again, so no optimizer shard outlives its use."""
+    only until asked for again, so no optimizer shard outlives its use. What the engine returns
+    from the model-states file (the client state) is the caller's to copy off (``materialized``)."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     reader = getattr(engine, "checkpoint_engine", None)
@@ -86,8 +102,12 @@ def faster_reads(engine: Any):
         key = os.fspath(path)
         if key in kept:
             return kept.pop(key)
-        state = read(path, map_location) if plain_torch else own_load(path, map_location=map_location)
-        if key.endswith(MODEL_STATES_SUFFIX):
+        model_states = key.endswith(MODEL_STATES_SUFFIX)
+        if not plain_torch:
+            state = own_load(path, map_location=map_location)
+        else:
+            state = _read_model_states(key, map_location) if model_states else read(path, map_location)
+        if model_states:
             kept[key] = state
         return state
 

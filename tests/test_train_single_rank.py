@@ -103,3 +103,31 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(one_rank_group, tmp_path, 
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan on rank 0\) at step 1; 3 such micro-batches"):
         trainer.run()
     assert not (tmp_path / "checkpoints").exists()  # nothing trained on garbage was saved
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_path, stage):
+    """Loads read through a mapping of the files (pipeline/checkpoint_read.py). Afterwards the engine
+    holds what was saved, and no tensor still maps a checkpoint file: pruning one frees its disk."""
+    from pathlib import Path
+
+    from pipeline import checkpoint
+
+    cfg = tiny_cfg(f"train.zero_stage={stage}")
+    saved = make_engine(cfg)
+    train_steps(saved, fixed_batches(2, 8), 1)
+    rng = torch.get_rng_state()
+    marker = {"world_size": 1, "zero_stage": stage, "model": cfg.model.__dict__}
+    tag_dir = checkpoint.save(saved, output_dir=tmp_path, step=2, client_state={"rng": rng}, marker_info=marker,
+                              keep_last=1, rank=0)
+    checkpoint.wait_for_prune()
+    plan = checkpoint.plan_resume(tag_dir, model_config=cfg.model.__dict__, zero_stage=stage, world_size=1)
+
+    loaded = make_engine(cfg)
+    client_state = checkpoint.load(loaded, plan, output_dir=tmp_path)
+
+    assert torch.equal(client_state["rng"], rng)
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tag_dir) not in maps, [line for line in maps.splitlines() if str(tag_dir) in line]
+    batches = fixed_batches(2, 8, seed=5)  # the same next steps: weights and optimizer state came back
+    assert train_steps(loaded, batches, 1) == train_steps(saved, batches, 1)
