@@ -97,11 +97,14 @@ def test_zero3_engine_step_keeps_its_linear_to_itself():
 
 def test_roofline_suite(tmp_path):
     result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
-                   "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "--threads", "1")
-    figures = result["precisions"]["fp32"]
-    assert figures["matmul_gflop_per_s"] > 0 and figures["gflop_per_step"] > 0
-    for name in ("ours_fwd_bwd", "ours_train_step", "ours_compiled_fwd_bwd", "timm_fwd_bwd"):
-        assert figures["contenders"][name]["fraction_of_matmul"] > 0
+                   "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "bf16", "--threads", "1")
+    expected = {"fp32": {"ours_fwd_bwd", "ours_train_step", "ours_compiled_fwd_bwd", "timm_fwd_bwd"}}
+    expected["bf16"] = expected["fp32"] | {"ours_bf16_weights_fwd_bwd"}  # as DeepSpeed's bf16 mode holds it
+    for precision, names in expected.items():
+        figures = result["precisions"][precision]
+        assert figures["matmul_gflop_per_s"] > 0 and figures["gflop_per_step"] > 0
+        assert set(figures["contenders"]) == names
+        assert all(figures["contenders"][name]["fraction_of_matmul"] > 0 for name in names)
 
 
 def test_memory_suite(tmp_path):

@@ -9,6 +9,8 @@ after the steps (the higher is the ceiling). Timed side by side:
 - ``ours_train_step``: the full plain step (+ loss, clipping, AdamW, LR schedule);
 - ``ours_compiled_fwd_bwd``: the same with every encoder layer torch.compile'd (``train.compile``);
   its compilation happens in the warm-up rounds;
+- ``ours_bf16_weights_fwd_bwd`` (bf16 only): the model held in bf16, no autocast: how the shipped
+  configs (ZeRO-2, bf16: DeepSpeed's bf16 mode, fp32 master copy in the optimizer) run it;
 - ``timm_fwd_bwd``: timm's VisionTransformer with our weights, the reference peer.
 
 Goals on CPU: >= 93% of the matmul in fp32 and >= 80% in bf16.
@@ -59,6 +61,10 @@ def run_precision(opts: dict, precision: str) -> dict:
         compiled = steps.build_seeded_model(cfg)
         compile_layers(compiled)
         contenders["ours_compiled_fwd_bwd"] = train_step_fn(compiled, lambda x: compiled(x).logits, images, precision)
+    if precision == "bf16":  # as DeepSpeed's bf16 mode (ZeRO 1-3) holds the model: no casts per step
+        held = steps.build_seeded_model(cfg).to(torch.bfloat16)
+        pixels = images.to(torch.bfloat16)
+        contenders["ours_bf16_weights_fwd_bwd"] = train_step_fn(held, lambda x: held(x).logits, pixels, "fp32")
     if opts["peer"]:
         timm_model = peers.build_timm(cfg.model, model.vit)
         contenders["timm_fwd_bwd"] = train_step_fn(timm_model.train(), timm_model.forward_features, images, precision)
