@@ -198,8 +198,8 @@ class Trainer:
                     self._on_nonfinite(loss)
                     continue  # no backward, no engine.step: the accumulation window takes the next batch
                 self.engine.backward(loss)
-                if self.cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum_steps - 1:
-                    window.grad_norm = self._stage0_grad_norm()
+                if cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum_steps - 1 and self._logs(self.step + 1):
+                    window.grad_norm = self._stage0_grad_norm()  # a pass over every gradient: only when logged
                 self.engine.step()
                 window.add_loss(loss.detach())
                 micro += 1
@@ -212,7 +212,7 @@ class Trainer:
             if self.ledger is not None:
                 self.ledger.write(self.step, keys)
             last_loss = window.last_loss
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+            if self._logs(self.step):
                 self._log_train(writer, window, batch["epoch"])
                 window = _Window()
             bar.update(self.step, loss=last_loss, lr=self._lr())
@@ -229,6 +229,10 @@ class Trainer:
         self.evaluate(writer)
         self.save()
         return 0
+
+    def _logs(self, step: int) -> bool:
+        """Whether a metrics row is written after ``step``."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
     def _forward(self, batch: dict) -> torch.Tensor:
         images = batch["image"].to(self.device, dtype=self.compute_dtype, non_blocking=True)

@@ -131,3 +131,19 @@ def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_pat
     assert str(tag_dir) not in maps, [line for line in maps.splitlines() if str(tag_dir) in line]
     batches = fixed_batches(2, 8, seed=5)  # the same next steps: weights and optimizer state came back
     assert train_steps(loaded, batches, 1) == train_steps(saved, batches, 1)
+
+
+def test_zero0_grad_norm_is_logged_on_every_row(one_rank_group, tmp_path, digits_shards):
+    """ZeRO-0 computes the gradient norm itself, only for the steps that are logged."""
+    from conftest import metrics
+    from pipeline.trainer import Trainer
+
+    cfg = load_config(None, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={tmp_path}",
+                             "train.max_steps=5", "train.log_every=2", "train.zero_stage=0", "train.precision=fp32",
+                             "train.eval_every=0", "train.progress_bar=false"])
+    trainer = Trainer(cfg, one_rank_group)
+    trainer.build()
+    assert trainer.run() == 0
+    rows, _ = metrics(tmp_path)
+    assert [row["step"] for row in rows] == [2, 4, 5]
+    assert all(row["grad_norm"] is not None and row["grad_norm"] > 0 for row in rows)
