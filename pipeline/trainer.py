@@ -22,6 +22,7 @@ from pipeline import checkpoint
 from pipeline.compiling import compile_layers, compile_summary
 from pipeline.config import Config, dump_config
 from pipeline.data import LedgerWriter, build_eval_loader, build_train_loader
+from pipeline.data.worker import start_worker_server
 from pipeline.distributed.engine import autocast_context, build_engine, device_for
 from pipeline.distributed.env import DistributedEnv
 from pipeline.heap import keep_heap
@@ -91,6 +92,8 @@ class Trainer:
     def build(self) -> None:
         cfg, env = self.cfg, self.env
         self.stop_flag.install()  # early: a signal while building (e.g. a long load) must not kill the job
+        if cfg.data.num_workers > 0:
+            start_worker_server()  # its imports overlap with building the engine
         resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir,
                                                overwrite=cfg.checkpoint.overwrite)
         self.plan = checkpoint.plan_resume(resume_dir, model_config=_model_dict(cfg), world_size=env.world_size,

@@ -32,7 +32,7 @@ from .sources import DataError, Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, SliceReader, TrainBatches,
                      replayed_positions, seeded_shuffle)
 from .transforms import NormalizeBatch, check_channels, eval_transform, train_transform
-from .worker import init_worker
+from .worker import init_worker, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class TrainLoader:
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed, ring)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
                             prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,
-                            worker_init_fn=init_worker)
+                            worker_init_fn=init_worker,
+                            multiprocessing_context=worker_context() if self.num_workers else None)
         expected = self.epoch * lay.steps_per_epoch + self.batches
         iterator = self._iterator = iter(loader)
         try:
@@ -280,7 +281,8 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True,
-                            worker_init_fn=init_worker)
+                            worker_init_fn=init_worker,
+                            multiprocessing_context=worker_context() if self.num_workers else None)
         self.skipped, iterator = 0, iter(loader)
         for expected in range(self.num_batches):
             batch = _next(iterator)

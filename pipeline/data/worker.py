@@ -1,9 +1,13 @@
 """What every DataLoader worker process sets up before it reads its first sample."""
 from __future__ import annotations
 
+import multiprocessing
 import signal
 
 from pipeline.heap import keep_heap
+
+# Modules the worker server imports once, so that each worker it forks starts with them loaded.
+SERVER_PRELOAD = ["pipeline.data.worker_server"]
 
 
 def ignore_stop_signals() -> None:
@@ -18,3 +22,26 @@ def init_worker(worker_id: int) -> None:
     """``worker_init_fn`` of the training and evaluation DataLoaders."""
     ignore_stop_signals()
     keep_heap()
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where DataLoader workers come from: a fork server, not the trainer itself.
+
+    Forking the trainer (the default) copies a process with several threads (TensorBoard's
+    writer, the DataLoaders' queue feeders, gloo's); under Python 3.11 a child forked while
+    another thread was starting or ending hung in ``PyOS_AfterFork_Child`` for good (seen here:
+    an evaluation's worker, about once in 300 evaluations; the job then sat until the collective
+    timeout). The fork server is a fresh single-threaded process started by fork+exec; workers
+    are forked from it, with torch and this package already imported (``SERVER_PRELOAD``)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(SERVER_PRELOAD)
+    return context
+
+
+def start_worker_server() -> None:
+    """Start the fork server now (fork+exec, safe in any process), so that its imports overlap
+    with building the model instead of delaying the first batch."""
+    from multiprocessing import forkserver
+
+    worker_context()
+    forkserver.ensure_running()
