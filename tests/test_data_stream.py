@@ -234,6 +234,33 @@ def test_close_stops_the_workers(tmp_path):
     assert not any(w.is_alive() for w in workers)
 
 
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_workers_come_from_a_fork_server_that_ignores_stop_signals(tmp_path):
+    """Workers are not forked from the trainer (a fork of a multi-threaded Python 3.11 process
+    can hang in the child); their server, like them, leaves SIGTERM and SIGUSR1 to the trainer."""
+    import os
+    import signal
+    from multiprocessing import forkserver
+
+    loader = build(data_cfg(write_tiny_shards(tmp_path)))
+    batches = iter(loader)
+    next(batches)
+    server = forkserver._forkserver._forkserver_pid
+    try:
+        assert server is not None and server != os.getpid()
+        for worker in loader._iterator._workers:
+            assert int(_status(worker.pid)["PPid"]) == server
+        for pid in (server, *(w.pid for w in loader._iterator._workers)):
+            ignored = int(_status(pid)["SigIgn"], 16)
+            assert ignored & (1 << (signal.SIGTERM - 1)) and ignored & (1 << (signal.SIGUSR1 - 1)), pid
+    finally:
+        loader.close()
+
+
 def test_zero_and_one_worker_are_the_same_stream(tmp_path):
     pattern = write_tiny_shards(tmp_path)
     full = take(build(data_cfg(pattern, num_workers=1)), 9)
