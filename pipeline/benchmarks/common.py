@@ -23,9 +23,33 @@ def load_average() -> list[float]:
         return []
 
 
+def descendants_cpu_s() -> dict[int, float]:
+    """CPU seconds (user + system) of every live process descended from this one (children and
+    theirs: DataLoader workers are children of a fork server, itself our child), each with the
+    CPU time of its own children that it has reaped (Linux /proc; empty elsewhere)."""
+    tick, parents, cpu = os.sysconf("SC_CLK_TCK"), {}, {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return {}
+    for entry in entries:
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: reaped children's utime, stime
+        parents[int(entry)] = int(fields[1])
+        cpu[int(entry)] = sum(int(v) for v in fields[11:15]) / tick
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid not in ours}
+        ours |= frontier
+    return {pid: cpu[pid] for pid in ours}
+
+
 class OtherLoad:
     """How busy the machine's other processes kept the CPUs while we ran: (all busy CPU time
-    from /proc/stat - this process's and its waited-for children's CPU time) / (wall x cores).
+    from /proc/stat - the CPU time of this process and of its descendants) / (wall x cores).
     The load average counts our own threads too; this does not."""
 
     def __init__(self) -> None:
@@ -39,7 +63,8 @@ class OtherLoad:
         except (OSError, ValueError, IndexError):
             busy = float("nan")
         t = os.times()
-        return time.perf_counter(), busy, t.user + t.system + t.children_user + t.children_system
+        own = t.user + t.system + t.children_user + t.children_system + sum(descendants_cpu_s().values())
+        return time.perf_counter(), busy, own
 
     def share(self) -> float | None:
         wall0, busy0, own0 = self.start

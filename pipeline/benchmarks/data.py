@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch
 from torchvision.io import decode_image, encode_jpeg
 from torchvision.transforms import v2
 
+from pipeline.benchmarks.common import descendants_cpu_s
 from pipeline.config import DataConfig
 from pipeline.data import build_train_loader
 from pipeline.data.shards import write_shards
@@ -61,21 +61,6 @@ def synthetic_jpegs(count: int, seed: int, height: int = 375, width: int = 500) 
 
 def _rate(count: int, seconds: float) -> float:
     return round(count / max(seconds, 1e-9), 1)
-
-
-def children_cpu_s() -> dict[int, float]:
-    """CPU seconds (user + system) of each child process of this one (Linux /proc)."""
-    me, tick, result = os.getpid(), os.sysconf("SC_CLK_TCK"), {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:  # fields[1]: ppid; [11], [12]: utime, stime
-            result[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    return result
 
 
 def tight_loop(data: list[bytes], step, seconds: float) -> dict:
@@ -138,13 +123,13 @@ def loader_rate(cfg: DataConfig, size: int, seconds: float) -> dict:
     first_start = time.perf_counter()
     next(batches)  # worker start and the first shuffle-buffer fill
     first = time.perf_counter() - first_start
-    workers_before, main_before = children_cpu_s(), time.process_time()
+    workers_before, main_before = descendants_cpu_s(), time.process_time()
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         done += len(next(batches)["key"])
     rate = _rate(done, time.perf_counter() - start)
     main_cpu = time.process_time() - main_before
-    workers_after = children_cpu_s()
+    workers_after = descendants_cpu_s()
     worker_cpu = sum(t - workers_before.get(pid, 0.0) for pid, t in workers_after.items())
     del batches
     workers = max(1, cfg.num_workers)
