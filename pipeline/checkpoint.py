@@ -383,4 +383,6 @@ def load(engine: Any, plan: ResumePlan, *, output_dir: str | Path) -> dict:
                                                     load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load '{tag_dir}'; the files are missing or unreadable")
-    return materialized(client_state or {})  # nothing we keep refers to the checkpoint's files
+    client_state = dict(client_state or {})
+    client_state.pop("optimizer", None)  # DeepSpeed's (ZeRO-0): already inside the engine, already copied
+    return materialized(client_state)  # nothing we keep refers to the checkpoint's files

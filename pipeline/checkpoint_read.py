@@ -28,7 +28,7 @@ import torch
 MODEL_STATES_SUFFIX = "model_states.pt"
 
 
-def _cpu_tensors(obj: Any, seen: set[int]):
+def _tensors(obj: Any, seen: set[int]):
     """Every tensor reachable from ``obj`` through containers and plain objects' attributes."""
     if id(obj) in seen:
         return
@@ -37,13 +37,13 @@ def _cpu_tensors(obj: Any, seen: set[int]):
         yield obj
     elif isinstance(obj, dict):
         for key, value in obj.items():
-            yield from _cpu_tensors(key, seen)
-            yield from _cpu_tensors(value, seen)
+            yield from _tensors(key, seen)
+            yield from _tensors(value, seen)
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for item in obj:
-            yield from _cpu_tensors(item, seen)
+            yield from _tensors(item, seen)
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-        yield from _cpu_tensors(vars(obj), seen)
+        yield from _tensors(vars(obj), seen)
 
 
 def materialized(obj: Any) -> Any:
@@ -51,7 +51,7 @@ def materialized(obj: Any) -> Any:
     one copy per storage, so that views of one storage stay views of one storage."""
     copies: dict[int, torch.UntypedStorage] = {}
     with torch.no_grad():
-        for tensor in _cpu_tensors(obj, set()):
+        for tensor in _tensors(obj, set()):
             if tensor.device.type != "cpu" or tensor.is_sparse or tensor.layout != torch.strided:
                 continue
             storage = tensor.untyped_storage()
