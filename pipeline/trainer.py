@@ -201,7 +201,8 @@ class Trainer:
                     self._on_nonfinite(loss)
                     continue  # no backward, no engine.step: the accumulation window takes the next batch
                 self.engine.backward(loss)
-                if cfg.train.zero_stage == 0 and micro == cfg.train.grad_accum_steps - 1 and self._logs(self.step + 1):
+                last_micro = micro == cfg.train.grad_accum_steps - 1
+                if cfg.train.zero_stage == 0 and last_micro and self._logs(self.step + 1):
                     window.grad_norm = self._stage0_grad_norm()  # a pass over every gradient: only when logged
                 self.engine.step()
                 window.add_loss(loss.detach())

@@ -6,7 +6,7 @@ block is a new tmpfs page: measured 37 page faults and 0.21 ms of kernel time pe
 in the worker, a fifth of what decoding the image costs (docs/PERFORMANCE.md, data).
 
 Here the main process allocates, before the workers start, ``depth`` batch buffers per worker
-in shared memory (inherited by forked workers, passed by handle to spawned ones). A worker
+in shared memory (passed by handle to the workers, which the fork server starts). A worker
 stacks its batch into its next free buffer and sends only the buffer's number; the main
 process copies it out (then normalizes the copy) and marks it released in a shared counter. After
 the first ``depth`` batches no page is faulted again and no descriptor is passed.

@@ -187,7 +187,7 @@ class TrainLoader:
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
                             prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,
                             worker_init_fn=init_worker,
-                            multiprocessing_context=worker_context() if self.num_workers else None)
+                            multiprocessing_context=worker_context(self.num_workers))
         expected = self.epoch * lay.steps_per_epoch + self.batches
         iterator = self._iterator = iter(loader)
         try:
@@ -282,7 +282,7 @@ class EvalLoader:
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True,
                             worker_init_fn=init_worker,
-                            multiprocessing_context=worker_context() if self.num_workers else None)
+                            multiprocessing_context=worker_context(self.num_workers))
         self.skipped, iterator = 0, iter(loader)
         for expected in range(self.num_batches):
             batch = _next(iterator)

@@ -24,17 +24,23 @@ def init_worker(worker_id: int) -> None:
     keep_heap()
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where DataLoader workers come from: a fork server, not the trainer itself.
+def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
+    """Where DataLoader workers come from (None: no workers, nothing to start): a fork server,
+    not the trainer itself.
 
     Forking the trainer (the default) copies a process with several threads (TensorBoard's
     writer, the DataLoaders' queue feeders, gloo's); under Python 3.11 a child forked while
     another thread held the interpreter's thread-list lock hung in ``PyOS_AfterFork_Child`` for
     good (seen here: evaluation workers, 4 hung runs in 48 runs of 60 evaluations each; the job
-    then sat until the collective timeout; none in 28 such runs with the fork server). The fork server is a fresh single-threaded process started by fork+exec; workers
-    are forked from it, with torch and this package already imported (``SERVER_PRELOAD``)."""
+    then sat until the collective timeout; none in 28 such runs with the fork server). The fork
+    server is a fresh single-threaded process started by fork+exec; workers are forked from it,
+    with torch and this package already imported (``SERVER_PRELOAD``)."""
+    return _fork_server() if num_workers > 0 else None
+
+
+def _fork_server() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(SERVER_PRELOAD)
+    context.set_forkserver_preload(SERVER_PRELOAD)  # read when the server starts
     return context
 
 
@@ -43,5 +49,5 @@ def start_worker_server() -> None:
     with building the model instead of delaying the first batch."""
     from multiprocessing import forkserver
 
-    worker_context()
+    _fork_server()
     forkserver.ensure_running()
