@@ -49,9 +49,13 @@ def test_derived_deepspeed_config():
     assert ds["gradient_clipping"] == 0.5
 
 
-def test_zero3_reduce_bucket_default_is_smaller_and_overridable():
-    assert build_deepspeed_config(cfg("train.zero_stage=3"), world_size=2)["zero_optimization"] == {
-        "stage": 3, "reduce_bucket_size": 20_000_000}
+def test_zero3_reduce_bucket_default_is_40_mb_of_gradients_and_overridable():
+    bucket = {precision: build_deepspeed_config(cfg("train.zero_stage=3", f"train.precision={precision}"),
+                                                world_size=2)["zero_optimization"]
+              for precision in ("fp32", "bf16", "fp16")}
+    assert bucket == {"fp32": {"stage": 3, "reduce_bucket_size": 10_000_000},
+                      "bf16": {"stage": 3, "reduce_bucket_size": 20_000_000},
+                      "fp16": {"stage": 3, "reduce_bucket_size": 20_000_000}}
     ds = build_deepspeed_config(cfg("train.zero_stage=3", "deepspeed.zero_optimization={reduce_bucket_size: 500000000}"),
                                 world_size=2)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 500_000_000

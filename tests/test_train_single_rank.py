@@ -83,6 +83,28 @@ def test_one_rank_zero0_skips_the_all_reduce_and_trains_the_same(one_rank_group,
     assert make_engine(tiny_cfg("train.zero_stage=2")).enable_backward_allreduce  # ZeRO 1-3 keep their reduce
 
 
+def test_zero3_fp32_weights_are_their_own_master_copy_and_train_the_same(one_rank_group):
+    """DeepSpeed's ZeRO-3 means to update fp32 weights in place but compares a device with a string
+    and keeps a second fp32 copy (pipeline/distributed/zero3_master.py): ours holds one, same steps."""
+    from pipeline.distributed.engine import _initialize, build_deepspeed_config
+    from pipeline.distributed.zero3_master import master_is_shared
+
+    cfg = tiny_cfg("train.zero_stage=3")
+    shared = make_engine(cfg)
+    torch.manual_seed(0)
+    copied, _, _ = _initialize(build_model(cfg.model), cfg, build_deepspeed_config(cfg, 1),
+                               lambda m: build_optimizer(m, cfg.optim),
+                               lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
+    assert master_is_shared(shared.optimizer) and all(master_is_shared(shared.optimizer))
+    assert not any(master_is_shared(copied.optimizer))  # DeepSpeed's own behaviour: a second copy
+    batches = fixed_batches(3, 8)
+    assert train_steps(shared, batches, 1) == train_steps(copied, batches, 1)
+    for a, b in zip(shared.optimizer.fp16_partitioned_groups_flat, copied.optimizer.fp16_partitioned_groups_flat):
+        assert torch.equal(a, b)
+    bf16 = make_engine(tiny_cfg("train.zero_stage=3", "train.precision=bf16"))
+    assert not any(master_is_shared(bf16.optimizer))  # bf16 weights need their fp32 master
+
+
 def test_activation_checkpointing_gives_the_same_losses(one_rank_group):
     batches = fixed_batches(4, 8)
     plain = train_steps(make_engine(tiny_cfg("model.activation_checkpointing=none")), batches, 1)

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import Config, ConfigError
 from pipeline.distributed.env import DistributedEnv
+from pipeline.distributed.zero3_master import shared_fp32_master
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,16 @@ def merge_deepspeed_config(derived: dict, user: dict, prefix: str = "") -> dict:
     return merged
 
 
-# ZeRO-3 defaults that users may override: DeepSpeed's 5e8-element reduce bucket is a buffer
-# as large as a ViT-B's weights, so ZeRO-3 held 62.6% of ZeRO-0's state per rank on 2 ranks
-# (bf16, B/16); with 2e7 elements (40 MB in bf16, still one large all-reduce) 52.9%, at the
-# same step time (docs/PERFORMANCE.md, memory).
-ZERO3_DEFAULTS = {"reduce_bucket_size": 20_000_000}
+# ZeRO-3's reduce bucket, a default users may override. DeepSpeed's is 5e8 elements, a buffer as
+# large as a ViT-B's weights: ZeRO-3 held 62.6% of ZeRO-0's state per rank on 2 ranks (bf16, B/16).
+# 40 MB of gradients (2e7 elements in bf16/fp16, 1e7 in fp32) is still one large reduce-scatter
+# and gives 52.9% (bf16) and 52.8% (fp32) at the same step time (docs/PERFORMANCE.md, memory).
+ZERO3_REDUCE_BUCKET_BYTES = 40_000_000
+
+
+def zero3_defaults(precision: str) -> dict[str, Any]:
+    gradient_bytes = 4 if precision == "fp32" else 2
+    return {"reduce_bucket_size": ZERO3_REDUCE_BUCKET_BYTES // gradient_bytes}
 
 
 def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
@@ -122,7 +128,7 @@ def build_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
             merged.setdefault(key, value)
     zero = merged.get("zero_optimization", {})
     if zero.get("stage") == 3:
-        merged["zero_optimization"] = {**ZERO3_DEFAULTS, **zero}
+        merged["zero_optimization"] = {**zero3_defaults(cfg.train.precision), **zero}
     return merged
 
 
@@ -165,12 +171,10 @@ class EngineParts:
     ds_config: dict
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
-                 optimizer_factory: Callable, scheduler_factory: Callable) -> EngineParts:
-    """Wrap ``model`` in a DeepSpeed engine with our optimizer and LR schedule."""
+def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any],
+                optimizer_factory: Callable, scheduler_factory: Callable) -> tuple[Any, Any, Any]:
     import deepspeed
 
-    ds_config = build_deepspeed_config(cfg, world_size)
     if "optimizer" in ds_config:
         # A native DeepSpeed optimizer (e.g. for ZeRO-Offload's CPUAdam): give it our groups.
         from pipeline.optim import param_groups
@@ -181,6 +185,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
     else:
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer_factory(model), lr_scheduler=scheduler_factory, config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
+                 optimizer_factory: Callable, scheduler_factory: Callable) -> EngineParts:
+    """Wrap ``model`` in a DeepSpeed engine with our optimizer and LR schedule."""
+    ds_config = build_deepspeed_config(cfg, world_size)
+    with shared_fp32_master():  # ZeRO-3 with fp32 weights: no second fp32 copy of them
+        engine, optimizer, scheduler = _initialize(model, cfg, ds_config, optimizer_factory, scheduler_factory)
     if cfg.train.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank: DeepSpeed would flatten every gradient, all-reduce it with itself
         # and copy it back (29 ms of a 0.46 s ViT-S/16 bf16 step on CPU) for the same gradients.
