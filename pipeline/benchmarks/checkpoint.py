@@ -187,6 +187,7 @@ def worker(opts: argparse.Namespace) -> None:
             "bytes_written": total, "files": files, "repeats": opts.repeats,
             "save_s": round(save_s, 3), "save_s_all": [round(s, 3) for s in saves],
             "save_phases_rank0_s": {k: round(statistics.median(p[k] for p in phases), 3) for k in phases[0]},
+            "save_phases_rank0_all_s": [{k: round(v, 3) for k, v in p.items()} for p in phases],
             "background_prune_s": round(statistics.median(prune_waits), 3),
             "save_MBps": round(mb / save_s, 1),
             "load_cold_s": round(load_s, 3), "load_cold_s_all": [round(s, 3) for s in loads_cold],
