@@ -3,7 +3,7 @@ default grad_accum_dtype) against fp32 (data_types.grad_accum_dtype=fp32); same 
 
     DS_ACCELERATOR=cpu PYTHONPATH=. python docs/benchmarks/bf16_grad_accum_cpu.py STAGE ACCUM
 
-2026-11-29 23:40 UTC, AMD EPYC, ViT-Ti/16, micro-batch 4: ZeRO-2 accum 8 0.455%, accum 32 1.274%;
+2026-11-29 23:15 UTC, AMD EPYC, ViT-Ti/16, micro-batch 4: ZeRO-2 accum 8 0.455%, accum 32 1.274%;
 ZeRO-3 accum 8 0.455% (relative L2 difference of the gradients the optimizer receives).
 """
 from __future__ import annotations
