@@ -50,5 +50,5 @@ def shared_fp32_master() -> Iterator[None]:
 
 def master_is_shared(optimizer) -> list[bool]:
     """Per ZeRO-3 sub-group: does the optimizer's master partition share the weights' buffer?"""
-    return [master.data_ptr() == weights.data_ptr() for master, weights in zip(optimizer.fp32_partitioned_groups_flat,
-                                                      optimizer.fp16_partitioned_groups_flat)]
+    pairs = zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)
+    return [master.data_ptr() == weights.data_ptr() for master, weights in pairs]
