@@ -63,15 +63,16 @@ def test_zero3_resume_after_sigkill_and_a_killed_save_is_bitwise_exact(base, dig
     assert_same_training(pair.full, pair.interrupted, tmp_path)
 
 
-def test_world_size_change_2_1_2_goes_through_universal_checkpoints(base, digits_shards):
-    source = runs.uninterrupted(base, digits_shards, 2)  # 2 ranks, ZeRO-2, ended at step STEPS
-    out = base / "resized-zero2"
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3 fp32: the optimizer's master is the weights' partition
+def test_world_size_change_2_1_2_goes_through_universal_checkpoints(base, digits_shards, stage):
+    source = runs.uninterrupted(base, digits_shards, stage)  # 2 ranks, ended at step STEPS
+    out = base / f"resized-zero{stage}"
     steps, more = runs.STEPS, 4
-    one = runs.run(1, out, [*runs.common(digits_shards, 2), f"train.max_steps={steps + more}",
+    one = runs.run(1, out, [*runs.common(digits_shards, stage), f"train.max_steps={steps + more}",
                             f"checkpoint.resume={source}/checkpoints/step-{steps}"])  # resume=PATH of another run
     assert one.returncode == 0, one.log[-3000:]
     assert f"resumed from {source}/checkpoints/step-{steps} at step {steps}" in one.log
-    two = runs.run(2, out, [*runs.common(digits_shards, 2), f"train.max_steps={steps + 2 * more}"])
+    two = runs.run(2, out, [*runs.common(digits_shards, stage), f"train.max_steps={steps + 2 * more}"])
     assert two.returncode == 0, two.log[-3000:]
 
     manifest = json.loads((digits_shards / "manifest.json").read_text())
@@ -107,7 +108,9 @@ def recompute_first_loss(source: Path, out: Path, keys: list[str]) -> float:
     cfg = load_config(out / "config.yaml")
     model = build_model(cfg.model)
     model.load_state_dict(load_file(export_checkpoint(source, out / "source-export") / "model.safetensors"))
-    state = torch.load(source / "checkpoints" / f"step-{runs.STEPS}" / "mp_rank_00_model_states.pt",
+    tag = source / "checkpoints" / f"step-{runs.STEPS}"
+    rank0 = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank; ZeRO 0-2: one
+    state = torch.load(rank0 if rank0.exists() else tag / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)  # our own file: the loader state of rank 0
     loader = build_train_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
                                 seed=cfg.train.seed, rank=0, world_size=1)

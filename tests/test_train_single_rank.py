@@ -127,17 +127,25 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(one_rank_group, tmp_path, 
     assert not (tmp_path / "checkpoints").exists()  # nothing trained on garbage was saved
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_path, stage):
+# bf16 with the gradient sums in fp32 (README, precision notes): ZeRO-1 becomes DeepSpeed's BF16_Optimizer.
+FP32_GRADIENT_SUMS = ("train.precision=bf16", "train.grad_accum_steps=2", "deepspeed.data_types={grad_accum_dtype: fp32}")
+
+
+@pytest.mark.parametrize("stage, overrides", [(0, ()), (2, ()), (3, ()),
+                                              (1, FP32_GRADIENT_SUMS), (2, FP32_GRADIENT_SUMS), (3, FP32_GRADIENT_SUMS)])
+def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_path, stage, overrides):
     """Loads read through a mapping of the files (pipeline/checkpoint_read.py). Afterwards the engine
     holds what was saved, and no tensor still maps a checkpoint file: pruning one frees its disk."""
     from pathlib import Path
 
     from pipeline import checkpoint
 
-    cfg = tiny_cfg(f"train.zero_stage={stage}")
+    cfg = tiny_cfg(f"train.zero_stage={stage}", *overrides)
+    micro = cfg.train.grad_accum_steps
     saved = make_engine(cfg)
-    train_steps(saved, fixed_batches(2, 8), 1)
+    if overrides:
+        assert saved.get_data_types() == (torch.bfloat16, torch.float32)  # bf16 weights, fp32 gradient sums
+    train_steps(saved, fixed_batches(2 * micro, 8), micro)
     rng = torch.get_rng_state()
     marker = {"world_size": 1, "zero_stage": stage, "model": cfg.model.__dict__}
     tag_dir = checkpoint.save(saved, output_dir=tmp_path, step=2, client_state={"rng": rng}, marker_info=marker,
@@ -151,8 +159,8 @@ def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_pat
     assert torch.equal(client_state["rng"], rng)
     maps = Path("/proc/self/maps").read_text()
     assert str(tag_dir) not in maps, [line for line in maps.splitlines() if str(tag_dir) in line]
-    batches = fixed_batches(2, 8, seed=5)  # the same next steps: weights and optimizer state came back
-    assert train_steps(loaded, batches, 1) == train_steps(saved, batches, 1)
+    batches = fixed_batches(2 * micro, 8, seed=5)  # the same next steps: weights and optimizer state came back
+    assert train_steps(loaded, batches, micro) == train_steps(saved, batches, micro)
 
 
 def test_zero0_grad_norm_is_logged_on_every_row(one_rank_group, tmp_path, digits_shards):
