@@ -96,7 +96,8 @@ def test_zero3_fp32_weights_are_their_own_master_copy_and_train_the_same(one_ran
                                lambda m: build_optimizer(m, cfg.optim),
                                lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
     assert master_is_shared(shared.optimizer) and all(master_is_shared(shared.optimizer))
-    assert not any(master_is_shared(copied.optimizer))  # DeepSpeed's own behaviour: a second copy
+    assert not any(master_is_shared(copied.optimizer)), \
+        "DeepSpeed now shares fp32 masters itself: pipeline/distributed/zero3_master.py can go"
     batches = fixed_batches(3, 8)
     assert train_steps(shared, batches, 1) == train_steps(copied, batches, 1)
     for a, b in zip(shared.optimizer.fp16_partitioned_groups_flat, copied.optimizer.fp16_partitioned_groups_flat):

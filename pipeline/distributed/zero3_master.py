@@ -2,12 +2,12 @@
 
 ZeRO-3 keeps each rank's partition of the weights in a flat buffer and gives the optimizer a
 "master" partition to update, then copies the master back. When the weights are fp32 (fp32
-training, or weights left in fp32 under autocast) DeepSpeed means to let the optimizer update
+training, or DeepSpeed's torch_autocast mode) DeepSpeed means to let the optimizer update
 the weights' buffer itself: ``DeepSpeedZeroOptimizer_Stage3._create_fp32_partitions`` takes
 that branch when the buffer's dtype and device equal the master's. Its device test compares
 ``tensor.device`` with the accelerator's device *name*, a string, and a ``torch.device``
 never equals a string (``torch.zeros(1).device == "cpu"`` is False), so the branch is never
-taken, on CPU or CUDA: every fp32 ZeRO-3 rank holds a second copy of its weights, 4 bytes per
+taken, on CPU or (reading the code: the name is "cuda:N") CUDA: every fp32 ZeRO-3 rank holds a second copy of its weights, 4 bytes per
 parameter over the ranks (ViT-B/16 on 2 ranks: 165 MiB of 901 per rank, docs/PERFORMANCE.md).
 
 ``shared_fp32_master`` makes that one comparison between devices while the partitions are
