@@ -17,8 +17,10 @@ from pipeline.benchmarks import steps
 from pipeline.benchmarks.common import interleaved, option, set_threads, summarize
 from pipeline.heap import keep_heap
 
+# 21 rounds: with 5-7, one setting's median overhead moved by up to 12 points between runs on a
+# 2-core VM (bf16 ZeRO-1: +7.5% to +19.4%, docs/PERFORMANCE.md); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
-                repeats=5, warmup=2, threads=None)
+                repeats=21, warmup=2, threads=None)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", dest="image_size", type=int, help="pixels per side (default: the size's, 224)")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], help="default: fp32 bf16")
     parser.add_argument("--stages", nargs="+", type=int, choices=[0, 1, 2, 3], help="ZeRO stages (default 0-3)")
-    parser.add_argument("--repeats", type=int, help="timed rounds (default 5)")
+    parser.add_argument("--repeats", type=int, help="timed rounds (default 21)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
 
