@@ -92,8 +92,7 @@ class Trainer:
     def build(self) -> None:
         cfg, env = self.cfg, self.env
         self.stop_flag.install()  # early: a signal while building (e.g. a long load) must not kill the job
-        if cfg.data.num_workers > 0:
-            start_worker_server()  # its imports overlap with building the engine
+        start_worker_server(cfg.data.num_workers)  # its imports overlap with building the engine
         resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir,
                                                overwrite=cfg.checkpoint.overwrite)
         self.plan = checkpoint.plan_resume(resume_dir, model_config=_model_dict(cfg), world_size=env.world_size,

@@ -34,7 +34,8 @@ def descendants_cpu_s() -> dict[int, float]:
         return {}
     for entry in entries:
         try:
-            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
         # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: reaped children's utime, stime

@@ -44,10 +44,10 @@ def _fork_server() -> multiprocessing.context.BaseContext:
     return context
 
 
-def start_worker_server() -> None:
+def start_worker_server(num_workers: int) -> None:
     """Start the fork server now (fork+exec, safe in any process), so that its imports overlap
-    with building the model instead of delaying the first batch."""
+    with building the model instead of delaying the first batch; nothing without workers."""
     from multiprocessing import forkserver
 
-    _fork_server()
-    forkserver.ensure_running()
+    if worker_context(num_workers) is not None:
+        forkserver.ensure_running()
