@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -42,7 +44,7 @@ SHAPE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "inte
 FREE_FIELDS = ("size", "activation_checkpointing", "hidden_dropout_prob", "attention_probs_dropout_prob")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be used; the message names it and what to do."""
 
 

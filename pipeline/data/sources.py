@@ -27,13 +27,15 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
+from pipeline.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _TAR_TOKEN = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)(?=$|[\s'\"])")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """Data that cannot be read as configured; the message names the shard, key or setting."""
 
 

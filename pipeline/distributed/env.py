@@ -9,8 +9,10 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from pipeline.errors import UserError
 
-class DistributedEnvError(RuntimeError):
+
+class DistributedEnvError(UserError, RuntimeError):
     """The launch environment is inconsistent; the message names the variables and the fix."""
 
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
