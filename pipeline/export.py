@@ -29,7 +29,8 @@ PICKLED_CLASSES = (
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.checkpoint.constants.ZeroStageEnum",
-    "pipeline.config.OptimConfig",
+    "pipeline.config.OptimConfig",  # checkpoints written before pipeline/config/ became a package
+    "pipeline.config.sections.OptimConfig",
 )
 
 

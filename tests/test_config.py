@@ -1,4 +1,5 @@
 """Config loading: YAML, dotted overrides, refusals with one-line messages."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,23 @@ def test_fields_in_a_file_win_over_the_size_even_at_b16_values(tmp_path):
     assert (cfg.model.size, cfg.model.hidden_size, cfg.model.num_hidden_layers) == ("L/16", 768, 24)
     dump_config(cfg, tmp_path / "dumped.yaml")
     assert load_config(tmp_path / "dumped.yaml").model == cfg.model
+
+
+def test_an_unquoted_brace_pattern_is_refused_naming_the_shell(tmp_path):
+    # What bash makes of data.train_shards=data/digits/train-{000000..000003}.tar, unquoted.
+    expanded = [f"data.train_shards=data/digits/train-00000{i}.tar" for i in range(4)]
+    with pytest.raises(ConfigError, match=r"'data.train_shards' is given 4 times in a row .*brace expansion"
+                                          r".*quote the whole override"):
+        load_config(None, ["train.max_steps=3", *expanded])
+    # Quoted, the pattern arrives whole; a key repeated further apart is layering, the later wins.
+    cfg = load_config(None, ["data.train_shards=data/digits/train-{000000..000003}.tar",
+                             "train.max_steps=3", "optim.lr=0.1", "train.max_steps=5"])
+    assert cfg.data.train_shards == "data/digits/train-{000000..000003}.tar" and cfg.train.max_steps == 5
+
+
+def test_a_resolved_model_config_rebuilds_to_itself(tmp_path):
+    # A field given beside a size at a ViT-B/16 value stays when the config is rebuilt from its
+    # record (a checkpoint's marker, dataclasses.replace): the size fills only fields nobody gave.
+    cfg = load_config(write(tmp_path, "model:\n  size: L/16\n  hidden_size: 768\n  num_attention_heads: 12\n"))
+    assert ModelConfig(**dataclasses.asdict(cfg.model)) == cfg.model
+    assert dataclasses.replace(cfg.model, num_labels=10).hidden_size == 768

@@ -16,8 +16,9 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
 
+from pipeline.config import AUGMENTS
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
-AUGMENTS = ("rrc", "shift", "none")
 _MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
 
 
