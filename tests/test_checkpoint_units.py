@@ -271,7 +271,7 @@ def test_stop_flag_keeps_the_first_signal_and_ignores_the_rest():
 
 
 def test_rng_states_round_trip():
-    from pipeline.trainer import rng_state, set_rng_state
+    from pipeline.rng import rng_state, set_rng_state
 
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
     state = rng_state()

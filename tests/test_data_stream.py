@@ -116,7 +116,7 @@ def test_same_seed_same_stream_different_seed_different(tmp_path):
     assert [x["key"] for x in a] == [x["key"] for x in b]
     assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
     assert [x["key"] for x in a] != [x["key"] for x in c]
-    assert a[0]["image"].shape == (4, 1, 8, 8) and a[0]["image"].dtype == torch.float32
+    assert a[0]["image"].shape == (4, 1, 8, 8) and a[0]["image"].dtype == torch.uint8  # normalized on the device
     assert a[0]["label"].dtype == torch.long and [x["epoch"] for x in a] == [0] * 6 + [1] * 2
 
 

@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY, shard_overrides
 from pipeline.config import load_config
 from pipeline.distributed.engine import build_engine, init_process_group
 from pipeline.distributed.env import resolve_env
 from pipeline.model import build_model
-from pipeline.optim import build_optimizer, build_scheduler
+from pipeline.tasks import ClassificationTask
+from pipeline.train_step import TrainStep
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,9 @@ def one_rank_group():
 def make_engine(cfg):
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    return build_engine(model, cfg, world_size=1, optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
-                        scheduler_factory=lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps)).engine
+    engine = build_engine(model, cfg, world_size=1)
+    engine.train_cfg = cfg  # for train_steps: the trainer's own step needs the config
+    return engine
 
 
 def tiny_cfg(*overrides):
@@ -44,15 +45,13 @@ def fixed_batches(n, batch, seed=1):
 
 
 def train_steps(engine, batches, micro_per_step):
+    """Optimizer steps through the trainer's own TrainStep; the mean loss of each."""
+    step = TrainStep(engine, ClassificationTask(), engine.train_cfg, torch.device("cpu"))
+    dtype = engine.module.vit.embeddings.cls_token.dtype  # the trainer feeds images in the engine's dtype
     losses = []
     for start in range(0, len(batches), micro_per_step):
-        step_loss = 0.0
-        for images, labels in batches[start:start + micro_per_step]:
-            loss = F.cross_entropy(engine(images).logits.float(), labels)
-            engine.backward(loss)
-            engine.step()
-            step_loss += loss.item() / micro_per_step
-        losses.append(step_loss)
+        micro = [{"image": images.to(dtype), "label": labels} for images, labels in batches[start:start + micro_per_step]]
+        losses.append(step.run(micro).item())
     return losses
 
 
@@ -92,9 +91,8 @@ def test_zero3_fp32_weights_are_their_own_master_copy_and_train_the_same(one_ran
     cfg = tiny_cfg("train.zero_stage=3")
     shared = make_engine(cfg)
     torch.manual_seed(0)
-    copied, _, _ = _initialize(build_model(cfg.model), cfg, build_deepspeed_config(cfg, 1),
-                               lambda m: build_optimizer(m, cfg.optim),
-                               lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
+    copied = _initialize(build_model(cfg.model), cfg, build_deepspeed_config(cfg, 1))
+    copied.train_cfg = cfg
     assert master_is_shared(shared.optimizer) and all(master_is_shared(shared.optimizer))
     assert not any(master_is_shared(copied.optimizer)), \
         "DeepSpeed now shares fp32 masters itself: pipeline/distributed/zero3_master.py can go"
@@ -113,19 +111,29 @@ def test_activation_checkpointing_gives_the_same_losses(one_rank_group):
     assert plain == every  # same ops in the same order: recomputation changes nothing
 
 
-def test_nonfinite_loss_stops_the_run_naming_the_step(one_rank_group, tmp_path, digits_shards):
-    from pipeline.trainer import Trainer, TrainingError
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_steps_are_never_applied_and_stop_the_run(one_rank_group, tmp_path, digits_shards, stage):
+    """A non-finite loss is skipped on the device (ZeRO-0: fused AdamW's found_inf; ZeRO 1-3: DeepSpeed's
+    own check), counted at the logging steps, and past train.max_nonfinite_steps stops the run."""
+    from pipeline.errors import TrainingError
+    from pipeline.trainer import Trainer
 
     cfg = load_config(None, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={tmp_path}",
-                             "train.max_steps=5", "train.zero_stage=0", "train.precision=fp32",
-                             "train.max_nonfinite_steps=2"])
+                             "train.max_steps=5", f"train.zero_stage={stage}", "train.precision=fp32",
+                             "train.max_nonfinite_steps=2", "checkpoint.every_steps=1"])
     trainer = Trainer(cfg, one_rank_group)
     trainer.build()
     with torch.no_grad():
         trainer.engine.module.vit.embeddings.cls_token.fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"non-finite loss \(nan on rank 0\) at step 1; 3 such micro-batches"):
+    before = {name: p.detach().clone() for name, p in trainer.engine.module.named_parameters()}
+    with pytest.raises(TrainingError, match=r"non-finite loss in 1 of the 1 steps up to step 3 .*; 3 such steps"):
         trainer.run()
-    assert not (tmp_path / "checkpoints").exists()  # nothing trained on garbage was saved
+    after = dict(trainer.engine.module.named_parameters())
+    changed = [name for name, value in before.items()  # bitwise, NaN included
+               if not torch.equal(value.view(torch.int32), after[name].detach().view(torch.int32))]
+    assert changed == []  # no update was applied, not even weight decay or AdamW's moments
+    # Only steps 1 and 2 were saved (both skipped): nothing after the limit was.
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-1", "step-2"]
 
 
 # bf16 with the gradient sums in fp32 (README, precision notes): ZeRO-1 becomes DeepSpeed's BF16_Optimizer.
@@ -165,7 +173,7 @@ def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_pat
 
 
 def test_zero0_grad_norm_is_logged_on_every_row(one_rank_group, tmp_path, digits_shards):
-    """ZeRO-0 computes the gradient norm itself, only for the steps that are logged."""
+    """ZeRO-0 computes the gradient norm on the device (it clips there); rows read it."""
     from conftest import metrics
     from pipeline.trainer import Trainer
 

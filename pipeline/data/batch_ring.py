@@ -7,8 +7,9 @@ in the worker, a fifth of what decoding the image costs (docs/PERFORMANCE.md, da
 
 Here the main process allocates, before the workers start, ``depth`` batch buffers per worker
 in shared memory (passed by handle to the workers, which the fork server starts). A worker
-stacks its batch into its next free buffer and sends only the buffer's number; the main
-process copies it out (then normalizes the copy) and marks it released in a shared counter. After
+stacks its batch into its next free buffer and sends only the buffer's number; the trainer
+copies it out (into pinned memory on GPUs, see device_feed.py) and marks it released in a
+shared counter. After
 the first ``depth`` batches no page is faulted again and no descriptor is passed.
 
 A buffer is reused only once the main process has released it; if it has not (never under the
@@ -26,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DATALOADER_PREFETCH = 2  # torch DataLoader's default prefetch_factor (batches in flight per worker)
-DEPTH = DATALOADER_PREFETCH + 2  # + the batch being normalized + one of margin
+DEPTH = DATALOADER_PREFETCH + 2  # + the batch being copied out + one of margin
 SHM_DIR = "/dev/shm"
 MAX_SHM_SHARE = 0.5  # leave at least half of the free shared memory to everything else
 
@@ -78,20 +79,14 @@ class BatchRing:
 
     # main-process side
 
-    def take(self, worker: int, slot: int) -> torch.Tensor:
-        """A private copy of the batch in ``slot``, after which the slot is released.
-
-        Copying the uint8 batch out first (a memcpy, about 0.3 ms for 32 ImageNet crops) and
-        converting that copy measured faster than converting straight out of shared memory.
-        """
-        images = self.buffers[worker, slot].clone()
-        self.release(worker)
-        return images
+    def view(self, worker: int, slot: int) -> torch.Tensor:
+        """The batch in ``slot``, in place: read it, then ``release(worker)``."""
+        return self.buffers[worker, slot]
 
     def release(self, worker: int) -> None:
         """The main process is done with worker ``worker``'s oldest unreleased batch."""
         self._released_here[worker] += 1
-        # Issued after clone() has returned, i.e. after every read of the batch: x86 never
+        # Issued after the copy out of the slot has returned, i.e. after every read of the batch: x86 never
         # lets a store overtake earlier loads; on weakly ordered CPUs the window is the few loads
         # still in flight, far shorter than the worker's decoding of its next batch.
         self.released[worker] = self._released_here[worker]

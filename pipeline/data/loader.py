@@ -7,7 +7,7 @@ The training stream is a pure function of (seed, epoch, world size, workers); se
     -> drop what a resume already consumed -> decode + augment (bad samples skipped and
     counted) -> repeats if bad samples left the slice short -> exact batches
 
-Workers ship uint8 batches; the main process normalizes them (into pinned memory when asked).
+Workers ship uint8 batches; the trainer normalizes them on its device (``device_feed.py``).
 The DataLoader hands worker batches out round-robin and in order, so the loader's state is
 just (epoch, batches consumed by this rank) plus, per slot, how many items it consumed (equal to
 batches x batch size unless bad samples were skipped). Iterating a TrainLoader is infinite:
@@ -31,7 +31,7 @@ from .partition import EvalLayout, TrainLayout, mix_seed, shard_offsets
 from .sources import DataError, Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, SliceReader, TrainBatches,
                      replayed_positions, seeded_shuffle)
-from .transforms import NormalizeBatch, check_channels, eval_transform, train_transform
+from .transforms import check_channels, eval_transform, train_transform
 from .worker import init_worker, worker_context
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ class _Decoding:
     """What a worker needs to turn raw samples into batches (picklable)."""
 
     transform: object
-    normalize: NormalizeBatch
     num_channels: int
     image_size: tuple[int, int]
 
@@ -58,6 +57,16 @@ def _next(iterator: Iterator[dict]) -> dict:
         if text.startswith("Caught DataError in DataLoader worker"):
             raise DataError(text.splitlines()[-1].split("DataError: ", 1)[-1]) from None
         raise
+
+
+class _Release:
+    """``batch["release"]``: frees the shared-memory slot a borrowed batch's image is a view of."""
+
+    def __init__(self, ring: BatchRing, worker: int):
+        self.ring, self.worker = ring, worker
+
+    def __call__(self) -> None:
+        self.ring.release(self.worker)
 
 
 class TrainStream(IterableDataset):
@@ -116,7 +125,7 @@ class TrainStream(IterableDataset):
             wds.map(decode, handler=SkipBad(where)),
             # only pulled when bad samples left the slice short: repeat good samples (logged)
             Refill(SliceReader(self.urls, layout.shard_offsets, segments), decode, length, consumed, where),
-            # exactly the slot's remaining batches, collated in the worker (uint8; normalized by the loader)
+            # exactly the slot's remaining batches, collated in the worker (uint8; normalized on the device)
             TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
                          slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker),
@@ -131,13 +140,13 @@ class TrainLoader:
     A new ``iter()`` continues from the state and stops the workers of the previous one.
     """
 
-    def __init__(self, stream: TrainStream, *, num_workers: int, pin_memory: bool, max_bad_fraction: float):
+    def __init__(self, stream: TrainStream, *, num_workers: int, max_bad_fraction: float):
         self.stream, self.num_workers = stream, num_workers
-        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.max_bad_fraction = max_bad_fraction
         self.layout = stream.layout
         self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
         self.bad, self.seen = 0, 0
+        self.bad_shards: dict[str, int] = {}  # shard url -> bad samples, for the refusal's message
         self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a layout change
         self.reused_buffer_batches = 0  # batches that came through a reused shared buffer (BatchRing)
         self._iterator = None  # the live DataLoader iterator (one per iter(); workers run while it lives)
@@ -180,6 +189,17 @@ class TrainLoader:
         self.epoch, self.batches, self.consumed = epoch, 0, [0] * lay.num_slots
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches with private uint8 images (safe to keep); see ``host_batches`` for the trainer's form."""
+        return self.host_batches(borrow=False)
+
+    def host_batches(self, *, borrow: bool) -> Iterator[dict]:
+        """Host batches: ``image`` uint8 (B, C, H, W), ``label`` int64, ``key``, ``epoch``, ``index``,
+        ``skipped``, and ``state``: this loader's state once the batch is trained (what a checkpoint
+        saves; the batches handed out ahead of training are not in it).
+
+        With ``borrow``, ``image`` may be a view of a shared-memory slot that its worker refills:
+        copy it, then call ``batch["release"]()`` (DeviceFeed does).
+        """
         lay = self.layout
         self.close()
         ring = BatchRing.create(self.num_workers, self.stream.batch_shape)
@@ -202,16 +222,18 @@ class TrainLoader:
                                        f"expected global batch {expected}")
                 expected += 1
                 self._account(batch, slot, consumed)
-                worker, ring_slot = batch.pop("worker"), batch.pop("ring_slot", None)
-                if ring_slot is None:
-                    images = batch.pop("image")
-                else:
-                    images = ring.take(worker, ring_slot)
-                    self.reused_buffer_batches += 1
-                batch["image"] = self.stream.decoding.normalize(images, pin_memory=self.pin_memory)
+                batch["state"] = self.state_dict()
                 batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
-                if ring is not None and ring_slot is None:
-                    ring.release(worker)
+                worker, ring_slot = batch.pop("worker"), batch.pop("ring_slot", None)
+                if ring_slot is not None:
+                    self.reused_buffer_batches += 1
+                    batch["image"] = ring.view(worker, ring_slot)
+                    batch["release"] = _Release(ring, worker)
+                    if not borrow:
+                        batch["image"] = batch["image"].clone()
+                        batch.pop("release")()
+                elif ring is not None:
+                    ring.release(worker)  # a fresh batch: nothing to free, but the count moves on
                 yield batch
         finally:
             if self._iterator is iterator:
@@ -231,12 +253,17 @@ class TrainLoader:
             self.epoch, self.batches, self.consumed = self.epoch + 1, 0, [0] * lay.num_slots
         self.bad += batch["skipped"]
         self.seen += batch["skipped"] + lay.batch_size
+        for url, count in batch.pop("bad_shards", {}).items():  # since this process started
+            self.bad_shards[url] = self.bad_shards.get(url, 0) + count
         floor = self.seen if self.batches == 0 else max(self.seen, MIN_SAMPLES_FOR_BAD_CHECK)
         if self.bad > self.max_bad_fraction * floor:
+            worst = sorted(self.bad_shards.items(), key=lambda kv: -kv[1])
+            shards = ", ".join(f"{url} ({count})" for url, count in worst[:10])
+            more = f" and {len(worst) - 10} more shards" if len(worst) > 10 else ""
             raise DataError(f"rank {self.stream.rank}: {self.bad} of {self.seen} samples were bad "
                             f"({self.bad / max(self.seen, 1):.1%}), more than data.max_bad_fraction="
-                            f"{self.max_bad_fraction}; fix the shards named in the warnings above or "
-                            "raise data.max_bad_fraction")
+                            f"{self.max_bad_fraction}; bad samples per shard: {shards or 'none recorded'}{more}; "
+                            "fix or remove those shards, or raise data.max_bad_fraction")
 
 
 class EvalStream(IterableDataset):
@@ -269,9 +296,8 @@ class EvalStream(IterableDataset):
 class EvalLoader:
     """One pass per ``iter()``: ``num_batches`` batches on every rank, with ``batch["valid"]``."""
 
-    def __init__(self, stream: EvalStream, *, num_workers: int, pin_memory: bool):
+    def __init__(self, stream: EvalStream, *, num_workers: int):
         self.stream, self.num_workers = stream, num_workers
-        self.pin_memory = pin_memory and torch.cuda.is_available()
         self.num_batches = stream.layout.num_batches
         self.num_samples = stream.layout.num_samples
         self.skipped = 0  # bad samples in the last pass on this rank
@@ -289,7 +315,6 @@ class EvalLoader:
             if batch["index"] != expected:
                 raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
             self.skipped += batch["skipped"]
-            batch["image"] = self.stream.decoding.normalize(batch["image"], pin_memory=self.pin_memory)
             batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
             batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
             yield batch
@@ -303,7 +328,7 @@ def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 
 
 def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, seed: int,
-                       rank: int, world_size: int, pin_memory: bool = False) -> TrainLoader:
+                       rank: int, world_size: int) -> TrainLoader:
     """The training loader of ``rank``; shard problems are DataErrors raised here, before training."""
     check_channels(num_channels)
     shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
@@ -315,18 +340,18 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
     hw = _image_hw(image_size)
     decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
                                          hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
-                         NormalizeBatch(cfg.mean, cfg.std, num_channels), num_channels, hw)
+                         num_channels, hw)
     if rank == 0:
         log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "
                  "epoch", layout.num_samples, len(shards), layout.steps_per_epoch, cfg.batch_size, world_size,
                  layout.remainder)
     stream = TrainStream(shards, layout, rank, decoding, cfg.shuffle_buffer)
-    return TrainLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory,
+    return TrainLoader(stream, num_workers=cfg.num_workers,
                        max_bad_fraction=cfg.max_bad_fraction)
 
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, rank: int,
-                      world_size: int, pin_memory: bool = False) -> EvalLoader | None:
+                      world_size: int) -> EvalLoader | None:
     """The evaluation loader of ``rank``, or None when ``data.val_shards`` is not set."""
     if not cfg.val_shards:
         return None
@@ -335,7 +360,6 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num
     batch_size = cfg.eval_batch_size or cfg.batch_size
     layout = EvalLayout(tuple(s.num_samples for s in shards), batch_size, world_size, max(1, cfg.num_workers))
     hw = _image_hw(image_size)
-    decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), NormalizeBatch(cfg.mean, cfg.std, num_channels),
-                         num_channels, hw)
+    decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), num_channels, hw)
     stream = EvalStream(shards, layout, rank, decoding)
-    return EvalLoader(stream, num_workers=cfg.num_workers, pin_memory=pin_memory)
+    return EvalLoader(stream, num_workers=cfg.num_workers)

@@ -6,19 +6,19 @@ of, say, the ZeRO stage is how a run ends up measuring something else than it sa
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import logging
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from pipeline.config import Config, ConfigError
 from pipeline.distributed.env import DistributedEnv
+from pipeline.distributed.precision import deepspeed_precision, uses_autocast
 from pipeline.distributed.zero3_master import shared_fp32_master
+from pipeline.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -35,40 +35,24 @@ def device_for(env: DistributedEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuse a precision the device cannot train in, before any process group exists."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
-                          "use train.precision=bf16 or fp32 here")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision=bf16 is not supported by this GPU; use train.precision=fp16 or fp32")
-
-
-def uses_autocast(cfg: Config) -> bool:
-    """bf16 at ZeRO-0: DeepSpeed would keep bf16 weights and gradients with no fp32 master copy
-    (FACTS.md: visibly worse losses), so we keep fp32 weights and run the forward in autocast."""
-    return cfg.train.precision == "bf16" and cfg.train.zero_stage == 0
-
-
-def autocast_context(cfg: Config, device: torch.device):
-    if uses_autocast(cfg):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def derived_deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     """The DeepSpeed keys that our typed config decides."""
-    precision = cfg.train.precision
-    engine_bf16 = precision == "bf16" and not uses_autocast(cfg)
+    # Where the train step clips (ZeRO-0 outside fp16, see train_step.py), DeepSpeed must not clip again.
+    clipping = 0.0 if step_clips_gradients(cfg.train) else cfg.optim.grad_clip
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum_steps,
         "train_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": clipping,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": engine_bf16},
-        "fp16": {"enabled": precision == "fp16"},
+        **deepspeed_precision(cfg.train),
     }
+
+
+def step_clips_gradients(train) -> bool:
+    """ZeRO-0 with a client optimizer and no loss scaler: DeepSpeed would neither skip a non-finite
+    step nor clip without a host round trip, so the train step does both on the device."""
+    return train.zero_stage == 0 and train.precision != "fp16"
 
 
 # Where a conflicting native key should be changed instead.
@@ -163,44 +147,33 @@ def destroy_process_group(*, clean: bool) -> None:
         dist.destroy_process_group()
 
 
-@dataclass
-class EngineParts:
-    engine: Any  # deepspeed.DeepSpeedEngine
-    optimizer: Any
-    scheduler: Any
-    ds_config: dict
-
-
-def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any],
-                optimizer_factory: Callable, scheduler_factory: Callable) -> tuple[Any, Any, Any]:
+def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:
     import deepspeed
+
+    def scheduler(optimizer):
+        return build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
 
     if "optimizer" in ds_config:
         # A native DeepSpeed optimizer (e.g. for ZeRO-Offload's CPUAdam): give it our groups.
-        from pipeline.optim import param_groups
-
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-            lr_scheduler=scheduler_factory, config=ds_config)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+                                          lr_scheduler=scheduler, config=ds_config)
     else:
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer_factory(model), lr_scheduler=scheduler_factory, config=ds_config)
-    return engine, optimizer, scheduler
+        engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
+                                          lr_scheduler=scheduler, config=ds_config)
+    return engine
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int,
-                 optimizer_factory: Callable, scheduler_factory: Callable) -> EngineParts:
-    """Wrap ``model`` in a DeepSpeed engine with our optimizer and LR schedule."""
+def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int) -> Any:
+    """Wrap ``model`` in a DeepSpeed engine with our AdamW and LR schedule."""
     ds_config = build_deepspeed_config(cfg, world_size)
     with shared_fp32_master():  # ZeRO-3 with fp32 weights: no second fp32 copy of them
-        engine, optimizer, scheduler = _initialize(model, cfg, ds_config, optimizer_factory, scheduler_factory)
+        engine = _initialize(model, cfg, ds_config)
     if cfg.train.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank: DeepSpeed would flatten every gradient, all-reduce it with itself
         # and copy it back (29 ms of a 0.46 s ViT-S/16 bf16 step on CPU) for the same gradients.
         # ZeRO 1-3 need their reduce: it moves the gradients into the optimizer's partitions.
         engine.enable_backward_allreduce = False
     log.info("DeepSpeed engine: ZeRO-%d, precision %s%s, micro-batch %d, grad accumulation %d, world size %d",
-             cfg.train.zero_stage, cfg.train.precision, " (autocast, fp32 weights)" if uses_autocast(cfg) else "",
+             cfg.train.zero_stage, cfg.train.precision, " (autocast, fp32 weights)" if uses_autocast(cfg.train) else "",
              cfg.data.batch_size, cfg.train.grad_accum_steps, world_size)
-    return EngineParts(engine=engine, optimizer=optimizer, scheduler=scheduler, ds_config=ds_config)
-
+    return engine

@@ -4,10 +4,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
+from pipeline.model.losses import classification_loss
 from pipeline.model.outputs import ImageClassifierOutput
 from pipeline.model.vit import ViTModel, init_vit_weights
 
@@ -46,9 +46,8 @@ class ViTForImageClassification(nn.Module):
             if labels.is_floating_point():
                 raise ValueError("labels must be class indices (an integer tensor); "
                                  "regression and multi-label targets are not supported")
-            # fp32 loss: a bf16/fp16 log-softmax over many classes loses precision
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
-                                   label_smoothing=label_smoothing)
+            loss = classification_loss(logits.view(-1, logits.shape[-1]), labels.view(-1),
+                                       label_smoothing=label_smoothing)
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                      attentions=outputs.attentions)
 

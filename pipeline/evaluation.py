@@ -1,0 +1,32 @@
+"""One pass over the validation set: the task's sums on the device, reduced over ranks, then metrics.
+
+Every rank runs the same number of batches (padding marked ``valid=False``), so the one
+all-reduce at the end meets on every rank, and the figures count every sample exactly once.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import Config
+from pipeline.data import EvalLoader
+from pipeline.data.device_feed import DeviceFeed, Normalize
+from pipeline.distributed.precision import autocast_context, engine_dtype
+from pipeline.tasks import Task
+
+
+@torch.no_grad()
+def evaluate(engine: Any, task: Task, loader: EvalLoader, *, cfg: Config, device: torch.device,
+             normalize: Normalize) -> dict[str, float]:
+    engine.eval()
+    try:
+        sums = torch.zeros(len(task.eval_names), dtype=torch.float64, device=device)
+        for batch in DeviceFeed(iter(loader), device=device, dtype=engine_dtype(cfg.train), normalize=normalize):
+            with autocast_context(cfg.train, device):
+                sums += task.eval_sums(engine, batch)
+        dist.all_reduce(sums)
+        return task.eval_metrics(dict(zip(task.eval_names, sums.tolist())))
+    finally:
+        engine.train()
