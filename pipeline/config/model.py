@@ -59,6 +59,19 @@ class ModelConfig:
     num_labels: int = 1000
     # Activation checkpointing per ViTLayer: "none", "all", or "every-K" (layers 0, K, 2K, ...).
     activation_checkpointing: str = "none"
+    # Masked-image pretraining (train.objective mae or simmim); classification ignores these.
+    # MAE, with transformers ViTMAEConfig's names and defaults:
+    decoder_hidden_size: int = 512
+    decoder_num_hidden_layers: int = 8
+    decoder_num_attention_heads: int = 16
+    decoder_intermediate_size: int = 2048
+    mask_ratio: float = 0.75  # fraction of the patches MAE removes before the encoder
+    norm_pix_loss: bool = False  # MAE's target: each patch normalised by its own mean and variance
+    # SimMIM, the paper's mask generator (transformers' ViTConfig has no such fields). Its ratio is a
+    # field of its own: MAE's mask_ratio keeps HF's name and default, and the two objectives'
+    # defaults (0.75, 0.6) differ, so one field would need a default that depends on train.objective.
+    mask_patch_size: int = 32  # masked blocks are mask_patch_size pixels square
+    simmim_mask_ratio: float = 0.6
 
     def __post_init__(self) -> None:
         # The one place a named size becomes fields: it fills only the fields nobody gave.
@@ -92,6 +105,33 @@ class ModelConfig:
         require(image_hw[0] % patch_hw[0] == 0 and image_hw[1] % patch_hw[1] == 0,
                 f"model.image_size {self.image_size} must be divisible by model.patch_size {self.patch_size}")
         self.checkpoint_layer_ids()  # validates activation_checkpointing
+        for name in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
+                     "decoder_intermediate_size", "mask_patch_size"):
+            require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
+        require(self.decoder_hidden_size % self.decoder_num_attention_heads == 0,
+                f"model.decoder_hidden_size ({self.decoder_hidden_size}) must be divisible by "
+                f"model.decoder_num_attention_heads ({self.decoder_num_attention_heads}); HF's default is 512/16")
+        require(0.0 <= self.mask_ratio < 1.0, f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        require(0.0 <= self.simmim_mask_ratio <= 1.0,
+                f"model.simmim_mask_ratio must be in [0, 1], got {self.simmim_mask_ratio}")
+
+    def check_objective(self, objective: str) -> None:
+        """The checks that hold for one training objective only (the caller knows train.objective):
+        MAE's sin-cos position tables need widths divisible by 4; SimMIM rebuilds the pixels with
+        PixelShuffle(encoder_stride) and masks whole mask_patch_size blocks of patches."""
+        if objective == "mae":
+            for name in ("hidden_size", "decoder_hidden_size"):
+                require(getattr(self, name) % 4 == 0, f"model.{name} must be a multiple of 4 for MAE's sin-cos "
+                                                      f"position table, got {getattr(self, name)}")
+        elif objective == "simmim":
+            (patch_h, patch_w), (height, width), block = self.patch_hw, self.image_hw, self.mask_patch_size
+            require(patch_h == patch_w == self.encoder_stride,
+                    f"model.patch_size {self.patch_size} must be square and equal to model.encoder_stride "
+                    f"({self.encoder_stride}) for SimMIM, whose decoder is PixelShuffle(encoder_stride)")
+            require(height % block == 0 and width % block == 0,
+                    f"model.image_size {self.image_size} must be divisible by model.mask_patch_size ({block})")
+            require(block % patch_h == 0,
+                    f"model.mask_patch_size ({block}) must be a multiple of model.patch_size ({patch_h})")
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -6,7 +6,7 @@ recomputation of activation checkpointing left out), so the three objectives' fi
 from __future__ import annotations
 
 from pipeline.config import ModelConfig
-from pipeline.model.mae import decoder_config, mae_settings
+from pipeline.model.mae import decoder_config
 
 
 def _layer_macs(tokens: int, hidden: int, intermediate: int) -> int:
@@ -22,7 +22,7 @@ def _patch_embed_macs(cfg: ModelConfig) -> int:
 
 def mae_kept_patches(cfg: ModelConfig) -> int:
     """Patches the MAE encoder sees: int(patches * (1 - mask_ratio)), HF's count."""
-    return int(cfg.num_patches * (1 - mae_settings(cfg)["mask_ratio"]))
+    return int(cfg.num_patches * (1 - cfg.mask_ratio))
 
 
 def mae_forward_macs_per_image(cfg: ModelConfig) -> int:

@@ -2,7 +2,9 @@
 
 A directory written by transformers' ``save_pretrained`` (ViTForImageClassification, or a bare
 ViTModel whose keys lack the ``vit.`` prefix) loads here, and what ``save_pretrained`` writes here
-loads in ``transformers.ViTForImageClassification.from_pretrained``. transformers is not imported.
+loads in ``transformers.ViTForImageClassification.from_pretrained``. The pretraining models go both
+ways too: ``ViTMAEForPreTraining`` (model_type "vit_mae") and ``ViTForMaskedImageModeling`` (SimMIM),
+chosen with ``architecture=``. transformers is not imported.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError, ModelConfig
 from pipeline.model.heads import ViTForImageClassification
+from pipeline.model.mae import ViTMAEForPreTraining
+from pipeline.model.simmim import ViTForMaskedImageModeling
 from pipeline.model.vit import ViTModel
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,20 @@ HF_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "interme
              "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
              "image_size", "patch_size", "num_channels", "qkv_bias", "encoder_stride", "pooler_output_size",
              "pooler_act")
+# transformers' ViTMAEConfig fields (its config.json has model_type "vit_mae").
+MAE_HF_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps",
+                 "image_size", "patch_size", "num_channels", "qkv_bias", "decoder_num_attention_heads",
+                 "decoder_hidden_size", "decoder_num_hidden_layers", "decoder_intermediate_size", "mask_ratio",
+                 "norm_pix_loss")
+# SimMIM's mask settings are no ViTConfig fields; config.json carries them beside those (transformers
+# keeps unknown keys as plain attributes), so our own round trip is exact.
+MIM_EXTRA_FIELDS = ("mask_patch_size", "simmim_mask_ratio")
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "ViTForImageClassification": ViTForImageClassification,
+    "ViTMAEForPreTraining": ViTMAEForPreTraining,
+    "ViTForMaskedImageModeling": ViTForMaskedImageModeling,
+}
 HF_DEFAULT_NUM_LABELS = 2  # what transformers assumes when config.json has no id2label / num_labels
 
 # Backbone weights our classifier has no place for (ViTModel's pooler, ViTForMaskedImageModeling's
@@ -39,7 +57,10 @@ _UNUSED_BACKBONE_KEYS = ("vit.pooler.", "vit.embeddings.mask_token")
 
 
 def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassification") -> dict[str, Any]:
-    """Our ModelConfig as the dictionary transformers writes to config.json."""
+    """Our ModelConfig as the dictionary transformers writes to config.json for ``architecture``."""
+    if architecture == "ViTMAEForPreTraining":
+        return {**{name: getattr(cfg, name) for name in MAE_HF_FIELDS}, "model_type": "vit_mae",
+                "architectures": [architecture]}
     hf: dict[str, Any] = {name: getattr(cfg, name) for name in HF_FIELDS}
     hf["pooler_output_size"] = cfg.pooler_output_size or cfg.hidden_size  # HF stores the resolved size
     hf["model_type"] = "vit"
@@ -47,18 +68,30 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassifica
     if architecture == "ViTForImageClassification":
         hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
         hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    if architecture == "ViTForMaskedImageModeling":
+        hf.update({name: getattr(cfg, name) for name in MIM_EXTRA_FIELDS})
     return hf
 
 
-def config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
+def config_from_hf(hf: dict[str, Any], *, architecture: str = "ViTForImageClassification",
+                   **overrides: Any) -> ModelConfig:
     """A ModelConfig from an HF config.json dictionary; ``overrides`` set our extra fields (e.g.
-    activation_checkpointing) or replace HF values (e.g. num_labels)."""
+    activation_checkpointing) or replace HF values (e.g. num_labels). Fields that ``architecture``
+    does not use (labels for the pretraining models, the decoder for ViT) keep our defaults."""
+    if architecture == "ViTMAEForPreTraining":
+        if hf.get("model_type", "vit_mae") != "vit_mae":
+            raise ConfigError(f"model_type is '{hf['model_type']}', not 'vit_mae'; ViTMAEForPreTraining loads "
+                              "only MAE checkpoints")
+        return ModelConfig(**{**{name: hf[name] for name in MAE_HF_FIELDS if name in hf}, **overrides})
     if hf.get("model_type", "vit") != "vit":
         raise ConfigError(f"model_type is '{hf['model_type']}', not 'vit'; only ViT checkpoints are supported")
     values = {name: hf[name] for name in HF_FIELDS if name in hf}
     if values.get("pooler_output_size") == values.get("hidden_size", ModelConfig.hidden_size):
         values["pooler_output_size"] = None  # our "same as hidden_size", so the round trip is exact
-    values["num_labels"] = _hf_num_labels(hf)
+    if architecture == "ViTForMaskedImageModeling":
+        values.update({name: hf[name] for name in MIM_EXTRA_FIELDS if name in hf})
+    else:
+        values["num_labels"] = _hf_num_labels(hf)
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -67,14 +100,15 @@ def _hf_num_labels(hf: dict[str, Any]) -> int:
     return len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", HF_DEFAULT_NUM_LABELS)
 
 
-def save_pretrained(model: ViTForImageClassification | ViTModel, directory: str | Path) -> None:
-    """Write ``config.json`` and ``model.safetensors`` in transformers' layout into ``directory``."""
-    if not isinstance(model, (ViTForImageClassification, ViTModel)):
-        raise TypeError(f"save_pretrained takes a ViTForImageClassification or ViTModel, got {type(model).__name__}")
+def save_pretrained(model: nn.Module, directory: str | Path) -> None:
+    """Write ``config.json`` and ``model.safetensors`` in transformers' layout into ``directory``:
+    a ViTForImageClassification, ViTModel, ViTMAEForPreTraining or ViTForMaskedImageModeling."""
+    if not isinstance(model, (ViTModel, *ARCHITECTURES.values())):
+        raise TypeError(f"save_pretrained takes a {', '.join(ARCHITECTURES)} or ViTModel, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(model.config, architecture=type(model).__name__)
-    backbone = model.vit if isinstance(model, ViTForImageClassification) else model
+    backbone = model if isinstance(model, ViTModel) else model.vit
     pruned = {str(i): sorted(layer.attention.pruned_heads)
               for i, layer in enumerate(backbone.encoder.layer) if layer.attention.pruned_heads}
     if pruned:
@@ -86,14 +120,17 @@ def save_pretrained(model: ViTForImageClassification | ViTModel, directory: str 
     (directory / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
 
 
-def from_pretrained(directory: str | Path, *, num_labels: int | None = None,
-                    activation_checkpointing: str = "none") -> ViTForImageClassification:
-    """Load a transformers-format ViT directory into our ViTForImageClassification.
+def from_pretrained(directory: str | Path, *, num_labels: int | None = None, activation_checkpointing: str = "none",
+                    architecture: str = "ViTForImageClassification") -> nn.Module:
+    """Load a transformers-format ViT directory into our ``architecture`` (a name of ARCHITECTURES).
 
-    A ViTModel checkpoint (no classifier) loads its backbone and keeps a freshly initialised
-    classifier; so does a checkpoint whose label count differs from a given ``num_labels``
-    (fine-tuning on new classes). Any other missing, unexpected or mis-shaped key is an error.
+    For the classifier, a ViTModel checkpoint (no classifier) loads its backbone and keeps a freshly
+    initialised classifier; so does a checkpoint whose label count differs from a given
+    ``num_labels`` (fine-tuning on new classes). Any other missing, unexpected or mis-shaped key is
+    an error; the pretraining models (MAE, SimMIM) must find every weight of theirs.
     """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture '{architecture}' is unknown; use one of {', '.join(ARCHITECTURES)}")
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not directory.is_dir():
@@ -106,18 +143,19 @@ def from_pretrained(directory: str | Path, *, num_labels: int | None = None,
         overrides: dict[str, Any] = {"activation_checkpointing": activation_checkpointing}
         if num_labels is not None:
             overrides["num_labels"] = num_labels
-        cfg = config_from_hf(hf, **overrides)
+        cfg = config_from_hf(hf, architecture=architecture, **overrides)
     except (json.JSONDecodeError, ConfigError, TypeError) as error:
         raise ValueError(f"'{config_path}' is not a usable ViT config: {error}") from None
 
-    model = ViTForImageClassification(cfg)
+    model = ARCHITECTURES[architecture](cfg)
     pruned = {int(layer): heads for layer, heads in (hf.get("pruned_heads") or {}).items()}
     if pruned:
         model.prune_heads(pruned)
     state, weights_path = _read_weights(directory)
     if not any(key.startswith("vit.") for key in state):
         state = {f"vit.{key}": value for key, value in state.items()}  # a bare ViTModel's keys
-    new_head = num_labels is not None and num_labels != _hf_num_labels(hf)
+    new_head = (architecture == "ViTForImageClassification" and num_labels is not None
+                and num_labels != _hf_num_labels(hf))
     _load_checked(model, state, weights_path, keep_fresh_classifier=new_head)
     return model
 

@@ -45,13 +45,6 @@ class ViTMAEForPreTrainingOutput(ModelOutput):
                          hidden_states=hidden_states, attentions=attentions)
 
 
-def mae_settings(config: ModelConfig) -> dict:
-    """The MAE fields of ``config``, with transformers' ViTMAEConfig defaults where a field is absent."""
-    defaults = dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
-                    decoder_intermediate_size=2048, mask_ratio=0.75, norm_pix_loss=False)
-    return {name: getattr(config, name, default) for name, default in defaults.items()}
-
-
 # --- fixed position tables and patch layout -------------------------------------------------
 
 def _sincos_1d(width: int, positions: Tensor) -> Tensor:
@@ -117,7 +110,7 @@ class ViTMAEEmbeddings(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.mask_ratio = mae_settings(config)["mask_ratio"]
+        self.mask_ratio = config.mask_ratio
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.patch_embeddings = PatchEmbeddings(config)
         # Fixed, never trained: a buffer (HF has a requires_grad=False parameter of the same name), so
@@ -194,12 +187,10 @@ class ViTMAEModel(nn.Module):
 
 def decoder_config(config: ModelConfig) -> ModelConfig:
     """The encoder's config with the decoder's width, depth, heads and MLP size (as HF builds it)."""
-    mae = mae_settings(config)
-    # size=None: a named size would otherwise overwrite decoder values equal to ViTConfig's defaults.
-    return dataclasses.replace(config, size=None, hidden_size=mae["decoder_hidden_size"],
-                               num_hidden_layers=mae["decoder_num_hidden_layers"],
-                               num_attention_heads=mae["decoder_num_attention_heads"],
-                               intermediate_size=mae["decoder_intermediate_size"])
+    return dataclasses.replace(config, hidden_size=config.decoder_hidden_size,
+                               num_hidden_layers=config.decoder_num_hidden_layers,
+                               num_attention_heads=config.decoder_num_attention_heads,
+                               intermediate_size=config.decoder_intermediate_size)
 
 
 class ViTMAEDecoder(nn.Module):
@@ -281,7 +272,6 @@ class ViTMAEForPreTraining(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.mae = mae_settings(config)
         self.vit = ViTMAEModel(config)
         self.decoder = ViTMAEDecoder(config, self.vit.embeddings.patch_embeddings.grid_size)
         init_mae_weights(self, config.initializer_range)
@@ -308,7 +298,7 @@ class ViTMAEForPreTraining(nn.Module):
     def forward_loss(self, pixel_values: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         """Mean squared error per patch, averaged over the removed patches only; in fp32."""
         target = self.patchify(pixel_values.float())  # (batch, patches, patch_h * patch_w * channels)
-        if self.mae["norm_pix_loss"]:
+        if self.config.norm_pix_loss:
             mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)  # unbiased, as HF
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # (batch, patches)
