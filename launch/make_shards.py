@@ -1,10 +1,12 @@
 """Write webdataset shards (train-000000.tar, val-000000.tar, ...) and manifest.json.
 
     python launch/make_shards.py --source digits --out data/digits
-    python launch/make_shards.py --source /data/imagenet/train --out /data/shards --workers 8
+    python launch/make_shards.py --source /data/imagenet/train --out /data/shards --workers 8 --verify
 
 SRC is a folder with one subfolder per class (ImageNet's layout) or the word ``digits``
-(scikit-learn's 1,797 handwritten digits, shipped with the package). Exit code 2: a usage error.
+(scikit-learn's 1,797 handwritten digits, shipped with the package). Files that cannot be read
+(dangling symlinks, I/O errors) and, with --verify, images the loader could not decode are left
+out and listed by source path. Exit code 2: a usage error.
 """
 from __future__ import annotations
 
@@ -32,6 +34,18 @@ class Progress:
             self.bar.close()
 
 
+def report_dropped(dropped: list[dict], shown: int = 50) -> None:
+    """List what was left out on stderr (all of it is in manifest.json's "dropped")."""
+    if not dropped:
+        return
+    print(f"make_shards: left out {len(dropped)} images (all listed in manifest.json under 'dropped'):",
+          file=sys.stderr)
+    for entry in dropped[:shown]:
+        print(f"  {entry['source']}: {entry['reason']}", file=sys.stderr)
+    if len(dropped) > shown:
+        print(f"  ... and {len(dropped) - shown} more", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, help="image folder (<class>/<image>) or 'digits'")
@@ -41,18 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--verify", action="store_true",
+                        help="decode every image as training will and leave out (and list) those that fail")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     progress = None if args.quiet else Progress()
     try:
         manifest = write_shards(args.source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
-                                workers=args.workers, seed=args.seed, overwrite=args.overwrite, progress=progress)
+                                workers=args.workers, seed=args.seed, overwrite=args.overwrite, verify=args.verify,
+                                progress=progress)
     except ShardsError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     finally:
         if progress is not None:
             progress.close()
+    report_dropped(manifest["dropped"])
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['num_shards']} shards: {args.out}/{info['pattern']}")
     return 0

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 from torchvision.io import encode_jpeg, encode_png
 
 from pipeline.config import DataConfig
@@ -98,3 +100,35 @@ def test_cli_writes_digits_and_refuses_to_overwrite(tmp_path, capsys):
     assert "train: 1618 samples in 2 shards" in done.stdout and "make_shards: 100%" in done.stderr
     again = make_shards.main(["--source", "digits", "--out", str(tmp_path), "--quiet"])
     assert again == 2 and "pass --overwrite" in capsys.readouterr().err
+
+
+def test_verify_lists_what_it_leaves_out_by_source_path(tmp_path, capsys):
+    files = make_image_folder(tmp_path / "src")
+    cat = tmp_path / "src" / "cat"
+    (cat / "garbage.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (cat / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (cat / "loop.png").symlink_to(cat / "loop.png")  # unreadable even for root: ELOOP
+    deep = Image.fromarray(np.arange(0, 65536, 257, dtype=np.uint16).reshape(16, 16))
+    deep.save(cat / "deep.png")  # 16-bit: kept, the loader converts it
+    out = tmp_path / "out"
+    assert make_shards.main(["--source", str(tmp_path / "src"), "--out", str(out), "--verify", "--quiet",
+                             "--shard-size", "4"]) == 0
+    err = capsys.readouterr().err
+    assert f"  {cat / 'garbage.jpg'}: does not decode" in err
+    assert f"  {cat / 'dangling.png'}: cannot be read (No such file or directory)" in err
+    assert f"  {cat / 'loop.png'}: cannot be read (Too many levels of symbolic links)" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(d["source"] for d in manifest["dropped"]) == sorted(str(cat / n) for n in
+                                                                     ("dangling.png", "garbage.jpg", "loop.png"))
+    assert sum(s["num_samples"] for s in manifest["shards"]) == len(files) + 1  # the 16-bit image is in
+    # Without --verify, unreadable files are still left out and listed; what decodes is not checked.
+    assert make_shards.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "plain"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "left out 2 images" in err and "dangling.png" in err and "garbage.jpg" not in err
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert make_shards.main(["--source", "digits", "--out", str(tmp_path / "taken"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("make_shards: error: cannot create the output directory") and "\n" not in err

@@ -7,6 +7,10 @@ then holds every class, which the loader's shard-level shuffle relies on) and cu
 of ``shard_size``. Several processes write whole shards in parallel; each shard appears under
 its final name only once complete, and the manifest (shard names, sample counts, class names)
 is written last: a directory with a manifest is a complete dataset.
+
+A file that cannot be read (a dangling symlink, a loop, an I/O error) is left out and listed
+in the manifest's ``dropped`` with the reason; with ``verify``, so is every image that does not
+decode to something the loader can use, so that training never meets it.
 """
 from __future__ import annotations
 
@@ -122,24 +126,49 @@ def _image_bytes(item: Item) -> bytes:
     return encode_png(torch.frombuffer(bytearray(item.pixels), dtype=torch.uint8).view(1, 8, 8)).numpy().tobytes()
 
 
-def write_shard(job: ShardJob, out_dir: str, classes: list[str]) -> tuple[str, int]:
-    """Write one shard under a temporary name, then rename it; returns (name, samples)."""
+def _unusable(data: bytes) -> str | None:
+    """Why the loader could not use these image bytes, or None (the loader's own decoder)."""
+    from .transforms import decode
+
+    try:
+        decode(data, 3)
+    except Exception as error:
+        return f"does not decode ({type(error).__name__}: {' '.join(str(error).split())[:200]})"
+    return None
+
+
+def write_shard(job: ShardJob, out_dir: str, classes: list[str], verify: bool = False
+                ) -> tuple[str, int, list[dict]]:
+    """Write one shard under a temporary name, then rename it; returns (name, samples, dropped)."""
     final = Path(out_dir) / job.name
     tmp = final.with_name(final.name + ".tmp")
+    written, dropped = 0, []
     with open(tmp, "wb") as stream, TarWriter(stream, encoder=False, mtime=0) as writer:
         for item in job.items:
+            try:
+                data = _image_bytes(item)
+            except OSError as error:  # dangling symlink, loop, permission, I/O error
+                dropped.append({"source": item.source, "reason": f"cannot be read ({error.strerror or error})"})
+                continue
+            reason = _unusable(data) if verify else None
+            if reason is not None:
+                dropped.append({"source": item.source, "reason": reason})
+                continue
             meta = {"label": item.label, "class": classes[item.label], "source": item.source}
-            writer.write({"__key__": item.key, item.ext: _image_bytes(item), "cls": str(item.label).encode(),
+            writer.write({"__key__": item.key, item.ext: data, "cls": str(item.label).encode(),
                           "json": json.dumps(meta).encode()})
+            written += 1
     os.replace(tmp, final)
-    return job.name, len(job.items)
+    return job.name, written, dropped
 
 
 def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fraction: float = 0.1,
-                 workers: int = 1, seed: int = 0, overwrite: bool = False,
+                 workers: int = 1, seed: int = 0, overwrite: bool = False, verify: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> dict:
     """Write train/val shards of ``source`` (a folder or ``digits``) into ``out``; return the manifest.
 
+    ``verify`` decodes every image as the loader will and leaves out those it cannot use. The
+    manifest's ``dropped`` lists what was left out, by source path, with the reason.
     ``progress(done, total)`` is called as shards complete (samples done so far, all samples).
     """
     if shard_size < 1:
@@ -158,27 +187,34 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
         classes, items = folder_items(root)
     if (out / MANIFEST).exists() and not overwrite:
         raise ShardsError(f"'{out}' already holds a dataset ({MANIFEST}); pass --overwrite or another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, a read-only disk
+        raise ShardsError(f"cannot create the output directory '{out}': {error.strerror or error}") from None
     for stale in [*out.glob("train-*.tar"), *out.glob("val-*.tar"), out / MANIFEST]:
         stale.unlink(missing_ok=True)
 
     jobs = plan(split_items(items, val_fraction, seed), shard_size)
-    counts, done = {}, 0
+    counts, dropped, done = {}, {}, 0
     if workers == 1:
-        for job in jobs:
-            name, n = write_shard(job, str(out), classes)
-            counts[name], done = n, done + n
+        results = (write_shard(job, str(out), classes, verify) for job in jobs)
+        for name, n, lost in results:
+            counts[name], dropped[name], done = n, lost, done + n + len(lost)
             if progress:
                 progress(done, len(items))
     else:
         # spawn: the parent may hold threads (torch); workers import only what they need
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(write_shard, job, str(out), classes) for job in jobs]
+            futures = [pool.submit(write_shard, job, str(out), classes, verify) for job in jobs]
             for future in as_completed(futures):
-                name, n = future.result()
-                counts[name], done = n, done + n
+                name, n, lost = future.result()
+                counts[name], dropped[name], done = n, lost, done + n + len(lost)
                 if progress:
                     progress(done, len(items))
+    if not sum(counts.values()):
+        first = next(entry for job in jobs for entry in dropped[job.name])
+        raise ShardsError(f"none of the {len(items)} images of '{source}' could be used; the first, "
+                          f"{first['source']}, {first['reason']}")
 
     manifest = {
         "version": 1,
@@ -189,6 +225,7 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
         "classes": classes,
         "splits": {},
         "shards": [{"name": job.name, "split": job.split, "num_samples": counts[job.name]} for job in jobs],
+        "dropped": [entry for job in jobs for entry in dropped[job.name]],  # in shard order
     }
     for split in ("train", "val"):
         names = [job.name for job in jobs if job.split == split]

@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 from .batch_ring import BatchRing
 from .partition import Segment, mix_seed
 from .sources import DataError
-from .tar_skip import read_range
+from .tar_skip import count_samples, read_range
 from .transforms import IMAGE_EXTENSIONS, decode
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,10 @@ PAD_LABEL = -100  # the label of padding in eval batches: cross_entropy ignores 
 class BadSample(Exception):
     """A sample that cannot be used; skipped and counted, never fatal by itself."""
 
-    def __init__(self, key: str | None, reason: str):
-        super().__init__(f"{key}: {reason}")
-        self.key, self.reason = key, reason
+    def __init__(self, key: str | None, reason: str, url: str | None = None):
+        named = url is None or str(key).startswith(url)  # a lost sample's key is "<url>#<position>"
+        super().__init__(f"{key}: {reason}" if named else f"{key} of shard {url}: {reason}")
+        self.key, self.reason, self.url = key, reason, url
 
 
 def seeded_shuffle(bufsize: int, seed: int):
@@ -64,42 +65,85 @@ class SliceReader:
         base = 0  # position of the segment's first sample inside the slice
         for seg in self.segments:
             skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
-            yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
-                                  first_id=self.offsets[seg.shard])
+            yield from _from_shard(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
+                                   first_id=self.offsets[seg.shard])
             base += len(seg)
 
 
+def _from_shard(url: str, start: int, stop: int, **kw) -> Iterator[dict]:
+    """``read_range``, with the shard's URL on every item (bad-sample messages name it)."""
+    for item in read_range(url, start, stop, **kw):
+        item.setdefault("__url__", url)
+        yield item
+
+
 class Refill:
-    """Pass the decoded stream through; if pulled beyond its end, repeat the slice's good samples.
+    """Pass the decoded stream through; if pulled beyond its end, borrow good samples that follow.
 
     Bad samples leave a slice short of its planned batches, and every rank must run the same
-    number of steps, so the shortfall is filled with repeats (logged), at most ``passes`` times
-    over the slice. Repeats are numbered ``length + 1, length + 2, ...`` (raw items of the
-    repeat passes), so a resume inside this phase skips ``consumed - length`` of them; their
-    failures were counted in the first pass and are not counted again. Clean data never gets here.
+    number of steps, so the shortfall is filled (logged) with the samples that follow the slice:
+    the rest of its last shard, then the next shards in the order given, around the dataset and
+    again for as long as needed (beyond one round these are repeats). Only a full round without
+    one good sample ends it, and then ``TrainBatches`` stops the run: no shard has a good sample.
+
+    The borrowed items are numbered ``length + 1, length + 2, ...`` (raw items, good or bad), so
+    a resume inside this phase skips ``consumed - length`` of them without decoding. Their
+    failures belong to other slices and are not counted here. Clean data never gets here.
+
+    Passing through, each good sample carries the per-shard counts of the bad samples decoded
+    before it (``__bad_shards__``), which ``TrainBatches`` adds up per batch.
     """
 
-    def __init__(self, reader: SliceReader, decode: DecodeSample, length: int, consumed: int, where: str,
-                 passes: int = 2):
-        self.reader, self.decode, self.length, self.where, self.passes = reader, decode, length, where, passes
+    def __init__(self, reader: SliceReader, decode: DecodeSample, length: int, consumed: int, where: str):
+        self.reader, self.decode, self.length, self.where = reader, decode, length, where
         self.skip = max(0, consumed - length)
+        self.counts: list[int | None] | None = None  # samples per shard, once borrowing starts
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        yield from src
-        log.warning("%s: bad samples left the slice short; filling its last batches with repeats", self.where)
-        n = self.length
-        for repeat in range(1, self.passes + 1):
-            for item in self.reader():
+        for sample in src:
+            sample["__bad_shards__"] = self.decode.take_bad_counts()
+            yield sample
+        log.warning("%s: bad samples left the slice short; borrowing the good samples that follow it "
+                    "(repeats once around the dataset) for as long as needed", self.where)
+        n, rounds = self.length, 0
+        while True:
+            rounds += 1
+            good = 0
+            for item in self.borrowed():
                 n += 1
-                if n <= self.length + self.skip or "__bad__" in item:
+                if n <= self.length + self.skip:
+                    good += 1  # not decoded again; a round with skipped items is no proof of "none good"
                     continue
-                item["__refill__"] = repeat
+                if "__bad__" in item:
+                    continue
+                item["__refill__"] = rounds
                 try:
                     sample = self.decode(item)
                 except BadSample:
                     continue
+                good += 1
                 sample["__n__"], sample["__key__"] = n, item["__key__"]
+                sample["__bad_shards__"] = {}
                 yield sample
+            if not good:
+                return  # not one good sample in a whole round: TrainBatches names the problem
+            log.warning("%s: borrowed once around the dataset; repeating from the slice's end", self.where)
+
+    def borrowed(self) -> Iterator[dict]:
+        """The raw items after the slice: its last shard's rest, then every shard once, wrapping."""
+        urls, offsets, segments = self.reader.urls, self.reader.offsets, self.reader.segments
+        if not segments:
+            return
+        if self.counts is None:  # the offsets give every count but the last shard's
+            self.counts = [b - a for a, b in zip(offsets, offsets[1:])] + [None]
+        counts, last = self.counts, segments[-1]
+        order = [(last.shard + k) % len(urls) for k in range(len(urls) + 1)]
+        for k, shard in enumerate(order):
+            if counts[shard] is None:
+                counts[shard] = count_samples(urls[shard])  # tar headers only
+            start = last.stop if k == 0 else 0
+            stop = last.stop if k == len(urls) else counts[shard]
+            yield from _from_shard(urls[shard], start, stop, first_id=offsets[shard])
 
 
 class DropConsumed:
@@ -126,34 +170,55 @@ class DecodeSample:
     """Raw sample -> {"image": uint8 (C, H, W), "label": int}; BadSample when it cannot be used.
 
     With ``seed`` set, the augmentation of each sample is seeded by (seed, epoch, sample id), so
-    it does not depend on which worker decodes it nor on where a resume started.
+    it does not depend on which worker decodes it nor on where a resume started. Every image is
+    checked for type, channels and size before it can reach collate. The bad samples of a
+    slice's first pass are counted per shard (``take_bad_counts``).
     """
 
     def __init__(self, transform, num_channels: int, seed: int | None = None, epoch: int = 0):
         self.transform, self.num_channels, self.seed, self.epoch = transform, num_channels, seed, epoch
+        self.size = tuple(getattr(transform, "size", ()))  # (height, width) the transform promises
+        self.bad_counts: dict[str, int] = {}
+
+    def take_bad_counts(self) -> dict[str, int]:
+        counts, self.bad_counts = self.bad_counts, {}
+        return counts
 
     def __call__(self, sample: dict) -> dict:
-        key = sample.get("__key__")
+        try:
+            return self._decode(sample)
+        except BadSample as error:
+            if "__refill__" not in sample:  # a borrowed sample's failure is its own slice's
+                url = error.url or "?"
+                self.bad_counts[url] = self.bad_counts.get(url, 0) + 1
+            raise
+
+    def _decode(self, sample: dict) -> dict:
+        key, url = sample.get("__key__"), sample.get("__url__")
         if "__bad__" in sample:
-            raise BadSample(key, sample["__bad__"])
+            raise BadSample(key, sample["__bad__"], url)
         if "__skip__" in sample:
             raise RuntimeError(f"placeholder {key} reached the decoder: resume replay is broken")
         if "cls" not in sample:
-            raise BadSample(key, "missing label ('.cls')")
+            raise BadSample(key, "missing label ('.cls')", url)
         try:
             label = int(sample["cls"])
         except ValueError:
-            raise BadSample(key, f"label {bytes(sample['cls'][:20])!r} is not an integer") from None
+            raise BadSample(key, f"label {bytes(sample['cls'][:20])!r} is not an integer", url) from None
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
-            raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})")
+            raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})", url)
         if self.seed is not None:
             torch.default_generator.manual_seed(
                 mix_seed(self.seed, self.epoch, sample["__sid__"], sample.get("__refill__", 0)))
         try:
             image = self.transform(decode(sample[ext], self.num_channels))
         except Exception as error:
-            raise BadSample(key, f"image does not decode ({type(error).__name__}: {error})") from None
+            raise BadSample(key, f"image does not decode ({type(error).__name__}: {error})", url) from None
+        expected = (self.num_channels, *self.size) if self.size else None
+        if image.dtype != torch.uint8 or image.ndim != 3 or (expected and tuple(image.shape) != expected):
+            raise BadSample(key, f"image came out {image.dtype} {tuple(image.shape)}, expected uint8 "
+                                 f"{expected or '(C, H, W)'}", url)
         return {"image": image, "label": label, "__n__": sample.get("__n__", 0)}
 
 
@@ -208,11 +273,15 @@ class TrainBatches:
         for k in range(self.count):
             samples = list(islice(src, self.batch_size))  # pulls exactly one batch, never more
             if len(samples) < self.batch_size:
-                raise DataError(f"{self.where}: no decodable samples left for batch {k} of epoch "
-                                f"{self.epoch}; the shards are mostly bad, check the warnings above")
+                raise DataError(f"{self.where}: not one decodable sample in any shard for batch {k} of epoch "
+                                f"{self.epoch}; every shard's samples are bad, see the warnings above")
             consumed = samples[-1]["__n__"]
             first_pass = sum(1 for s in samples if s["__n__"] <= self.length)
             skipped = min(consumed, self.length) - min(previous, self.length) - first_pass
+            bad_shards: dict[str, int] = {}
+            for sample in samples:
+                for url, count in sample.get("__bad_shards__", {}).items():
+                    bad_shards[url] = bad_shards.get(url, 0) + count
             yield {
                 **self.collate([s["image"] for s in samples]),
                 # plain lists: a small tensor would cost a shared-memory file and a descriptor pass
@@ -221,6 +290,7 @@ class TrainBatches:
                 "epoch": self.epoch,
                 "index": self.first_index + k * self.stride,  # batch number within the epoch
                 "skipped": skipped,
+                "bad_shards": bad_shards,  # {shard url: bad samples} among the skipped ones
                 "slot": self.slot,
                 "consumed": consumed,
             }

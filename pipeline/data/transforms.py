@@ -3,9 +3,11 @@
 Images stay uint8 through decode, crop, flip, collation and the trip from the worker to the
 main process (torchvision's uint8 resize kernels are the fast path, and a float batch costs
 4x the shared memory, whose fresh pages cost more than the normalization itself); the main
-process normalizes once per batch in :class:`NormalizeBatch`, into pinned memory when asked. Decoding uses ``torchvision.io.decode_image`` on a bytearray, which
-measured faster than PIL here (FACTS.md); grayscale sources are expanded to the model's three
-channels, colour ones reduced to one, by the decoder itself.
+process normalizes once per batch in :class:`NormalizeBatch`, into pinned memory when asked.
+Decoding uses ``torchvision.io.decode_image`` on a bytearray, which measured faster than PIL
+here. :func:`decode` always returns uint8 with the model's channel count: 16-bit images are
+scaled to 8 bits, alpha is dropped, grayscale is repeated to three channels and colour
+reduced to one; anything else is refused, and the sample is counted as bad.
 """
 from __future__ import annotations
 
@@ -28,14 +30,52 @@ def check_channels(num_channels: int) -> None:
 
 
 def decode(data: bytes | bytearray, num_channels: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor (channels, height, width).
+    """Encoded image bytes -> uint8 tensor (num_channels, height, width); ValueError when unusable.
 
     A bytearray (what the shard reader returns) is wrapped as it is; bytes are copied once into
     one, because torch.frombuffer wants a writable buffer.
     """
     buffer = data if isinstance(data, bytearray) else bytearray(data)
     image = decode_image(torch.frombuffer(buffer, dtype=torch.uint8), mode=_MODES[num_channels])
-    return image[0] if image.ndim == 4 else image  # animated GIF: first frame
+    if image.ndim == 4:  # animated GIF: first frame
+        image = image[0]
+    return to_model_image(image, num_channels)
+
+
+def to_model_image(image: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """A decoded (C, H, W) image -> uint8 with ``num_channels`` channels, or ValueError saying why not.
+
+    The decoder's mode request is not always honoured (a 16-bit PNG stays uint16, WebP stays
+    RGB), and one odd image must not reach collate, where it would stop the run.
+    """
+    if image.ndim != 3 or image.shape[1] < 1 or image.shape[2] < 1:
+        raise ValueError(f"decoded to shape {tuple(image.shape)}, not (channels, height, width)")
+    if image.dtype == torch.uint16:
+        # Scaled, not clipped: PIL's convert("L") clips 16-bit values at 255, which turns a
+        # full-range image white. 65535 -> 255, rounded.
+        image = ((image.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise ValueError(f"pixel type {image.dtype} is not supported (8- or 16-bit images only)")
+    channels = image.shape[0]
+    if channels in (2, 4):  # gray + alpha, RGB + alpha: the alpha plane is dropped
+        image, channels = image[:-1], channels - 1
+    if channels == num_channels:
+        return image
+    if channels == 3 and num_channels == 1:
+        return F.rgb_to_grayscale_image(image)
+    if channels == 1 and num_channels == 3:
+        return image.expand(3, -1, -1).contiguous()
+    raise ValueError(f"has {image.shape[0]} channels, the model takes {num_channels}")
+
+
+class Sized:
+    """A transform and the (height, width) of what it returns: each sample is checked against it."""
+
+    def __init__(self, transform, size: tuple[int, int]):
+        self.transform, self.size = transform, tuple(size)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(image)
 
 
 class CropFlip:
@@ -61,7 +101,7 @@ def train_transform(image_size: tuple[int, int], *, augment: str, crop_scale: tu
                     hflip: bool, shift_pixels: int):
     """uint8 (C, h, w) of any size -> uint8 (C, H, W), randomly augmented."""
     if augment == "rrc":  # ImageNet-style: random area and aspect, resized to the model's size
-        return CropFlip(image_size, crop_scale, hflip)
+        return Sized(CropFlip(image_size, crop_scale, hflip), image_size)
     if augment == "shift":  # small images (digits): resize, then shift by up to shift_pixels
         steps = [v2.Resize(image_size, antialias=True), v2.RandomCrop(image_size, padding=shift_pixels)]
     elif augment == "none":
@@ -70,17 +110,17 @@ def train_transform(image_size: tuple[int, int], *, augment: str, crop_scale: tu
         raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     if hflip and augment != "none":
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps)
+    return Sized(v2.Compose(steps), image_size)
 
 
-def eval_transform(image_size: tuple[int, int], *, crop_pct: float) -> v2.Compose:
+def eval_transform(image_size: tuple[int, int], *, crop_pct: float) -> Sized:
     """uint8 (C, h, w) -> uint8 (C, H, W): resize to size / crop_pct, then center crop."""
     height, width = image_size
     if height == width:
         resize = v2.Resize(math.floor(height / crop_pct), antialias=True)  # shorter side
     else:
         resize = v2.Resize((math.floor(height / crop_pct), math.floor(width / crop_pct)), antialias=True)
-    return v2.Compose([resize, v2.CenterCrop(image_size)])
+    return Sized(v2.Compose([resize, v2.CenterCrop(image_size)]), image_size)
 
 
 class NormalizeBatch:
