@@ -1,8 +1,9 @@
 """Pretrain a ViT: `torchrun --standalone --nproc_per_node=N launch/pretrain.py --config configs/X.yaml [key=value ...]`.
 
 Also runs under `torchrun --nnodes ... --rdzv_backend=c10d`, the `deepspeed` launcher, `srun`
-without torchrun, and as a plain single process. Exit codes: 0 done, 75 stopped by a signal
-after saving (requeue me), 2 a user error (config, data, checkpoint, environment), 1 a failure.
+without torchrun, and as a plain single process. Exit codes: 0 done, 75 stopped by SIGTERM or
+SIGUSR1 after saving (requeue me), 130 stopped by Ctrl-C after saving, 2 a user error (config,
+data, checkpoint, environment, a full or read-only disk), 1 a failure.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -29,54 +31,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before anything slow (imports, the process group, loading a checkpoint): from here on a
-    # stop signal only sets a flag, and the run saves and exits 75 instead of dying.
+    # stop signal only sets a flag, and the run saves and exits 75 (130 for Ctrl-C) instead of dying.
     from pipeline.preemption import EXIT_PREEMPTED, StopFlag
 
     stop_flag = StopFlag().install()
-    from pipeline.errors import USER_ERRORS, exit_code_for, one_line  # imports torch: seconds
+    from pipeline.errors import UserError, one_line
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
     from pipeline.config import dump_config, load_config
     from pipeline.distributed.env import resolve_env
     from pipeline.metrics import setup_logging
+    from pipeline.validate import validate_run
 
     try:
         cfg = load_config(args.config, args.overrides)
         env = resolve_env()
-    except USER_ERRORS as error:
+        validate_run(cfg, env.world_size)  # --check and training alike: mistakes that would fail later
+    except UserError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
+        return error.exit_code
     setup_logging(env.rank)
     if args.check:
         dump_config(cfg, "/dev/stdout")
         return 0
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        # torchrun starts each worker in a session of its own: where its agent is killed (srun's
+        # SIGKILL, proctrack/pgid), nothing else would end the worker, and it would train on alone.
+        from pipeline.lifetime import die_with_parent
 
-    from pipeline.distributed.engine import check_precision, destroy_process_group, device_for, init_process_group
+        die_with_parent(os.getppid())
+    threading.excepthook = _quiet_storage_errors
+
+    from pipeline.distributed.engine import destroy_process_group, device_for, init_process_group
+    from pipeline.distributed.faults import report_failure
+    from pipeline.distributed.precision import check_precision
+    from pipeline.preflight import preflight
     from pipeline.trainer import train
 
+    status_path = Path(cfg.train.output_dir) / "exit_status"
     code = 1
     try:
         check_precision(cfg.train.precision, device_for(env))
+        preflight(cfg, env)  # every rank, before any rank waits for another: the same refusal everywhere
+        if env.is_main:
+            write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
+            stop_flag.exit_status_path = status_path
         init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
         code = train(cfg, env, stop_flag)
+        if code == EXIT_PREEMPTED:  # the trainer's "stopped after saving": 130 when it was Ctrl-C
+            code = stop_flag.exit_code
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
-        code = exit_code_for(error)
-        if code == 2 or type(error).__name__ == "TrainingError":
-            log.error("%s", one_line(error))
-        elif not isinstance(error, KeyboardInterrupt):
-            log.exception("training failed")
+        code = report_failure(error, rank=env.rank, world_size=env.world_size)
     finally:
-        destroy_process_group(clean=code in (0, EXIT_PREEMPTED))
         if env.is_main:
-            write_exit_status(cfg.train.output_dir, code)
+            write_exit_status(status_path, code)
+        destroy_process_group(clean=code in (0, EXIT_PREEMPTED, stop_flag.exit_code))
     return code
 
 
-def write_exit_status(output_dir: str, code: int) -> None:
+def write_exit_status(path: Path, code: int | str) -> None:
     """torchrun reports any failing worker as 1, so the code that means "requeue me" (75) is
-    also left in <output_dir>/exit_status for the Slurm script to read."""
-    path = Path(output_dir)
-    if path.is_dir():
-        (path / "exit_status").write_text(f"{code}\n")
+    also left in <output_dir>/exit_status for the Slurm script to read. Rewritten in place, so
+    that a disk that has just filled up still takes it."""
+    if not path.parent.is_dir():
+        return
+    try:
+        from pipeline.storage import rewrite_small_file
+
+        rewrite_small_file(path, f"{code}\n")
+    except OSError as error:
+        log.warning("could not write the exit status %s to %s: %s", code, path, error)
+
+
+def _quiet_storage_errors(args: threading.ExceptHookArgs) -> None:
+    """A writer thread (TensorBoard's) that hits a full disk: one line here, and the run ends
+    through the main thread, which the writer raises the same error to at its next write."""
+    from pipeline.errors import is_storage_error, os_reason
+
+    if is_storage_error(args.exc_value):
+        log.warning("background writer %s: %s", args.thread.name if args.thread else "?", os_reason(args.exc_value))
+        return
+    threading.__excepthook__(args)
 
 
 def _cuda_available() -> bool:
@@ -85,5 +119,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _exit(code: int) -> None:
+    """A failed run ends now: the interpreter's own teardown (a final garbage collection over
+    everything torch and DeepSpeed built) took 4-5 s on 2 cores, while the other ranks and the
+    launcher wait. Everything the run writes is closed or flushed by now."""
+    if code not in (0, 75, 130):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.storage import writing
 
 log = logging.getLogger(__name__)
 
@@ -332,23 +333,29 @@ def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, 
         return tag_dir
     wait_for_prune()  # a prune never runs while a save writes (it may remove incomplete steps)
     started = time.perf_counter()
+    # A disk that fills up or turns read-only fails the save in one line (storage.py); the marker
+    # is never written then, so the directory stays incomplete and nothing ever loads it.
+    what = f"checkpoint {tag_dir.name}"
     if rank == 0 and tag_dir.exists():
         # A partial directory of an interrupted save of this step, or a checkpoint of another timeline
         # (e.g. resumed from an older step): stale files (another world size's shards) must not mix in.
         log.info("replacing %s %s", "checkpoint" if is_complete(tag_dir) else "incomplete checkpoint", tag_dir.name)
-        remove_checkpoint(tag_dir)
-        remove_checkpoint(universal_dir(tag_dir, root))
+        with writing(what, tag_dir):
+            remove_checkpoint(tag_dir)
+            remove_checkpoint(universal_dir(tag_dir, root))
     dist.barrier()
     clock = [time.perf_counter()]
-    with _without_crc32():
+    with writing(what, tag_dir), _without_crc32():
         engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
     clock.append(time.perf_counter())
-    fsync_tree(tag_dir, rank)
+    with writing(what, tag_dir):
+        fsync_tree(tag_dir, rank)
     dist.barrier()  # every rank's shards are on disk before the marker says so
     clock.append(time.perf_counter())
     if rank == 0:
-        write_marker(tag_dir, {"step": step, **marker_info})
-        point_latest(root, tag_dir.name)
+        with writing(what, tag_dir):
+            write_marker(tag_dir, {"step": step, **marker_info})
+            point_latest(root, tag_dir.name)
     dist.barrier()  # nobody exits (or gets killed) believing the save done before the marker exists
     clock.append(time.perf_counter())
     if rank == 0:

@@ -14,6 +14,7 @@ Exit codes (README.md, "Exit codes"):
 from __future__ import annotations
 
 import errno
+import os
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -63,6 +64,7 @@ def os_reason(error: OSError) -> str:
 def storage_error(what: str, path, error: OSError) -> StorageError:
     """The one line for a failed write: what could not be written, where, and the OS reason."""
     where = getattr(error, "filename", None) or path
+    where = os.fsdecode(where) if isinstance(where, bytes) else where
     return StorageError(f"could not write {what} to '{where}': {os_reason(error)}; free space "
                         "or fix the permissions there, or set train.output_dir to another disk")
 

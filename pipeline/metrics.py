@@ -15,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.storage import writing
+
 log = logging.getLogger(__name__)
 
 
@@ -28,24 +30,29 @@ class JsonlWriter:
     """One JSON object per line; appended, so a resumed run continues the same file.
 
     With ``resume_step``, rows after that step are dropped first: an interrupted run wrote
-    them after its last checkpoint, and the resumed run writes those steps again."""
+    them after its last checkpoint, and the resumed run writes those steps again. A write the
+    disk refuses (full, read-only) is a one-line StorageError (storage.py)."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and _row_step(line) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
-        self._file = path.open("a", buffering=1)
+        self.path = path
+        with writing("metrics", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and path.is_file():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and _row_step(line) <= resume_step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                tmp.replace(path)
+            self._file = path.open("a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row) + "\n")
+        with writing("metrics", self.path):
+            self._file.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        with writing("metrics", self.path):
+            self._file.close()
 
 
 def _row_step(line: str) -> int:
@@ -56,20 +63,27 @@ def _row_step(line: str) -> int:
 
 
 class TensorBoardWriter:
+    """TensorBoard's event file. Its writer thread keeps a failed write (a full disk) to itself;
+    the next ``log`` or ``close`` raises it here, as a one-line StorageError."""
+
     def __init__(self, log_dir: Path, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.log_dir = log_dir
         # purge_step hides the events an interrupted (or overwritten) run wrote after resume_step.
         purge = None if resume_step is None else resume_step + 1
-        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        with writing("TensorBoard events", log_dir):
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self._writer.add_scalar(key, value, step)
+        with writing("TensorBoard events", self.log_dir):
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self._writer.close()
+        with writing("TensorBoard events", self.log_dir):
+            self._writer.close()
 
 
 class NullWriter:

@@ -1,58 +1,96 @@
-"""Stop signals (Slurm's warning before preemption or time limit) become a flag, nothing more.
+"""Stop signals become a flag, nothing more: Slurm's warning before preemption or the time limit
+(SIGUSR1, SIGTERM), and Ctrl-C (SIGINT).
 
 The handler runs between two bytecodes of whatever the main thread was doing, possibly in the
 middle of a collective or a checkpoint write: so it only records the signal. The step loop
-checks the flag at step boundaries, where all ranks agree to stop together (see trainer.py).
-A second signal while the checkpoint is being written is ignored, and so is every stop signal
-after it (``ignore_from_now_on``): torchrun sends SIGTERM to the other workers as soon as one
-exits non-zero, 75 included, and a rank killed in its teardown would lose its exit code (and
-rank 0 the ``exit_status`` file).
+checks the flag at step boundaries, where all ranks agree to stop together (see trainer.py),
+saves, and exits with ``StopFlag.exit_code``: 75 for SIGTERM/SIGUSR1 ("saved, requeue me"), 130
+for SIGINT ("saved, stopped by the user"; a requeue would undo the user's Ctrl-C).
+
+A second SIGTERM/SIGUSR1 while stopping is ignored, and so is every one after the stop checkpoint
+(``ignore_from_now_on``): torchrun sends SIGTERM to the other workers as soon as one exits
+non-zero, 75 included, and a rank killed in its teardown would lose its exit code (and rank 0 the
+``exit_status`` file). A second SIGINT is different: the user wants out now. After the first one
+SIGINT goes back to the operating system's default action, so the next one ends the process at
+once, even inside a C call that would delay a Python handler; rank 0 writes 130 to
+``exit_status`` when the first one comes, so that file is right either way.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from pathlib import Path
+
+from pipeline.storage import rewrite_small_file
 
 log = logging.getLogger(__name__)
 
 # The exit code that means "saved, requeue me" (BSD's EX_TEMPFAIL); any other non-zero code is
 # a real failure that a requeue would only repeat.
 EXIT_PREEMPTED = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_REQUEUE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        # Set by the launcher on rank 0: where a Ctrl-C leaves 130 at once (see the module doc).
+        self.exit_status_path: Path | None = None
         self._previous: dict[int, object] = {}
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def exit_code(self) -> int:
+        """What a run that stopped for this flag exits with, once its checkpoint is saved."""
+        return EXIT_INTERRUPTED if self.signal_name == "SIGINT" else EXIT_PREEMPTED
+
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._on_interrupt()
         if self.signal_name is None:
             self.signal_name = name
-            log.warning("received %s: will save a checkpoint at the next step boundary and exit %d",
-                        name, EXIT_PREEMPTED)
+            if signum == signal.SIGINT:
+                log.warning("received SIGINT (Ctrl-C): will save a checkpoint at the next step boundary and "
+                            "exit %d; press Ctrl-C again to abort at once without saving", EXIT_INTERRUPTED)
+            else:
+                log.warning("received %s: will save a checkpoint at the next step boundary and exit %d",
+                            name, EXIT_PREEMPTED)
         else:  # e.g. Slurm's SIGTERM after its USR1, or torchrun stopping the others once one exited 75
             log.info("received %s again while stopping (after %s): ignored", name, self.signal_name)
+
+    def _on_interrupt(self) -> None:
+        """The first Ctrl-C: the next one takes the default action (the process ends at once)."""
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self.exit_status_path is not None:
+            try:
+                rewrite_small_file(self.exit_status_path, f"{EXIT_INTERRUPTED}\n")
+            except OSError:  # no run directory yet, or a full disk: the final write will say it
+                pass
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if sig not in self._previous:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+            if self.signal_name == "SIGINT":  # installed again after a Ctrl-C: keep the abort armed
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
         return self
 
     def ignore_from_now_on(self) -> None:
-        """After the stop checkpoint: the process only exits now, so further stop signals are
+        """After the stop checkpoint: the process only exits now, so further SIGTERM/SIGUSR1 are
         ignored at the OS level. A Python handler would not do: the interpreter restores the
         default action while it shuts down, and a SIGTERM then (torchrun stopping the other
-        workers once one exited 75) would turn this rank's 75 into -15."""
+        workers once one exited 75) would turn this rank's 75 into -15. SIGINT keeps its handler:
+        a Ctrl-C then only arms the next one, which ends the process at once."""
         if threading.current_thread() is threading.main_thread():
-            for sig in STOP_SIGNALS:
+            for sig in _REQUEUE_SIGNALS:
                 signal.signal(sig, signal.SIG_IGN)
 
     def uninstall(self) -> None:

@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.storage import writing
+
 
 class LedgerWriter:
     """Append-only writer of one rank's ledger; each line is flushed as it is written.
@@ -20,20 +22,24 @@ class LedgerWriter:
 
     def __init__(self, output_dir: str | Path, rank: int, *, resume_step: int | None = None):
         self.path = Path(output_dir) / "ledger" / f"rank{rank}.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered
+        with writing("the sample ledger", self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                tmp = self.path.with_suffix(".jsonl.tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
+            self._file = open(self.path, "a", buffering=1)  # line-buffered
 
     def write(self, step: int, keys: list[str]) -> None:
-        self._file.write(json.dumps({"step": int(step), "keys": list(keys)}) + "\n")
+        """One line; a write the disk refuses (full, read-only) is a one-line StorageError."""
+        with writing("the sample ledger", self.path):
+            self._file.write(json.dumps({"step": int(step), "keys": list(keys)}) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        with writing("the sample ledger", self.path):
+            self._file.close()
 
     def __enter__(self) -> LedgerWriter:
         return self

@@ -2,26 +2,51 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import threading
 
 from pipeline.heap import keep_heap
+from pipeline.lifetime import die_with_parent
 
 # Modules the worker server imports once, so that each worker it forks starts with them loaded.
 SERVER_PRELOAD = ["pipeline.data.worker_server"]
+# The trainer's pid, for its fork server: set when the trainer's main thread starts the server,
+# the one case where the server may ask to die with its parent (see lifetime.py).
+SERVER_PARENT_VAR = "PIPELINE_WORKER_SERVER_PARENT"
 
 
 def ignore_stop_signals() -> None:
     """Workers leave stop signals to the trainer. Slurm signals the whole process group (and,
-    with proctrack/cgroup, every process of the job): a worker killed by SIGTERM would take the
-    run down before the trainer could save. The trainer ends its workers itself (close())."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    with proctrack/cgroup, every process of the job), and Ctrl-C in a terminal signals the
+    foreground process group: a worker killed by SIGTERM or SIGINT would take the run down before
+    the trainer could save. The trainer ends its workers itself (close())."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
 
 
 def init_worker(worker_id: int) -> None:
     """``worker_init_fn`` of the training and evaluation DataLoaders."""
     ignore_stop_signals()
+    _end_with_the_server()
     keep_heap()
+
+
+def _end_with_the_server() -> None:
+    """A worker ends when its fork server does (the server, its parent, is single-threaded).
+    It also lets go of the trainer's end of the server's "alive" pipe, which multiprocessing
+    hands to every child it starts: while a worker held it, the server never saw its trainer
+    die (kill -9) and lived on, and so did the worker."""
+    die_with_parent(os.getppid())
+    from multiprocessing import forkserver
+
+    server = forkserver._forkserver  # noqa: SLF001 - the only handle on the inherited descriptor
+    if server._forkserver_alive_fd is not None:  # noqa: SLF001
+        try:
+            os.close(server._forkserver_alive_fd)  # noqa: SLF001
+        except OSError:
+            pass
+        server._forkserver_alive_fd = None  # noqa: SLF001
 
 
 def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | None:
@@ -50,4 +75,6 @@ def start_worker_server(num_workers: int) -> None:
     from multiprocessing import forkserver
 
     if worker_context(num_workers) is not None:
+        if threading.current_thread() is threading.main_thread():
+            os.environ[SERVER_PARENT_VAR] = str(os.getpid())
         forkserver.ensure_running()

@@ -1,0 +1,156 @@
+"""Every rank ends a failed run with the same exit code and the same one line.
+
+When one rank fails for a reason it knows (a user error such as too many bad samples, a full
+disk), the other ranks only see their next collective fail ("Connection closed by peer") and
+would end with exit 1 and a gloo traceback. So the rank that knows writes its code and line into
+the c10d store before it tears anything down, and a rank whose own error has no known cause reads
+it there (for a few seconds at most) and ends with that code and line instead.
+
+Under torchrun the store is the agent's, which outlives every worker. Without torchrun (srun, a
+single process) it lives in rank 0's process: a rank 0 that reported waits until the others have
+read the report, a few seconds at most, before it exits and takes the store with it.
+
+The line also goes to torchrun's error file (``TORCHELASTIC_ERROR_FILE``), so that torchrun's
+failure summary shows it in place of "To enable traceback see ...".
+"""
+from __future__ import annotations
+
+import datetime
+import errno
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+
+from pipeline.errors import EXIT_USER_ERROR, PipelineError, exit_code_for, is_storage_error, one_line, os_reason
+
+log = logging.getLogger(__name__)
+
+_CLAIM = "pipeline/failure/claimed"
+_REPORT = "pipeline/failure/report"
+_READ = "pipeline/failure/read"
+# How a collective reports a peer that is gone (gloo, NCCL, the store).
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|connectFullMesh|remote process exited|"
+                        r"NCCL communicator was aborted", re.IGNORECASE)
+PEER_WAIT_S = 3.0  # how long a rank with an unexplained error looks for a peer's report
+HOST_LINGER_S = 5.0  # how long a rank 0 that hosts the store keeps it up for the others to read
+STORE_TIMEOUT_S = 5.0  # no store operation on the way out may take longer
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: int
+    line: str  # one line, no traceback
+    rank: int
+    known: bool  # the cause is known (the line says it all); else the traceback is worth logging
+
+
+def classify(error: BaseException, rank: int) -> Failure:
+    """This rank's failure. Known causes: the errors that end a run on purpose (errors.py), and
+    a write the operating system refused (disk full, read-only, no permission), which is an
+    environment error (exit 2)."""
+    if isinstance(error, PipelineError):
+        return Failure(exit_code_for(error), one_line(error), rank, known=True)
+    if is_storage_error(error):  # raised outside the writers' own handling (storage.writing)
+        where = getattr(error, "filename", None) or "?"
+        where = os.fsdecode(where) if isinstance(where, bytes) else where
+        verb = "write" if error.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG) else "access"
+        line = f"could not {verb} '{where}': {os_reason(error)}; check the disk and the permissions there"
+        return Failure(EXIT_USER_ERROR, line, rank, known=True)
+    return Failure(exit_code_for(error), f"{type(error).__name__}: {one_line(error)}", rank, known=False)
+
+
+def _store():
+    try:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return None
+        store = dist.distributed_c10d._get_default_store()  # noqa: SLF001 - the one handle on it
+        store.set_timeout(datetime.timedelta(seconds=STORE_TIMEOUT_S))
+        return store
+    except Exception:  # noqa: BLE001 - no process group, or its store is gone: nothing to share
+        return None
+
+
+def publish(store, failure: Failure) -> bool:
+    """Write ``failure`` into the store unless another rank's report came first."""
+    try:
+        if store.add(_CLAIM, 1) != 1:
+            return False
+        store.set(_REPORT, json.dumps(asdict(failure)))
+        return True
+    except Exception:  # noqa: BLE001 - the store's host is gone: each rank reports its own
+        return False
+
+
+def peer_report(store, rank: int, wait_s: float) -> Failure | None:
+    """Another rank's report, if one comes within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    try:
+        while not store.check([_REPORT]):
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)
+        report = Failure(**json.loads(store.get(_REPORT)))
+        store.add(_READ, 1)
+    except Exception:  # noqa: BLE001 - the store's host is gone
+        return None
+    return report if report.rank != rank else None
+
+
+def agree(failure: Failure, *, world_size: int, hosts_store: bool) -> tuple[Failure, bool]:
+    """The failure every rank reports, and whether it was adopted from another rank. A known
+    cause is reported at once; an unexplained error (typically a collective that failed because
+    a peer left) first looks for a peer's report."""
+    if world_size < 2:
+        return failure, False
+    store = _store()
+    if store is None:
+        return failure, False
+    if not failure.known:
+        peer = peer_report(store, failure.rank, PEER_WAIT_S)
+        if peer is not None:
+            return peer, True
+    if publish(store, failure) and hosts_store:
+        deadline = time.monotonic() + HOST_LINGER_S
+        try:
+            while store.add(_READ, 0) < world_size - 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001
+            pass
+    return failure, False
+
+
+def report_failure(error: BaseException, *, rank: int, world_size: int) -> int:
+    """Log how this rank ends (one line, or a traceback for an unexplained error) and return its
+    exit code, agreed with the other ranks. Call it from the ``except`` that ends the run."""
+    # Under torchrun the store is the agent's; otherwise rank 0's process holds it.
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    failure, adopted = agree(classify(error, rank), world_size=world_size, hosts_store=hosts_store)
+    if adopted:
+        log.error("stopped because rank %d failed: %s", failure.rank, failure.line)
+    elif failure.known:
+        log.error("%s", failure.line)
+    elif _PEER_LOST.search(str(error)):  # a peer ended without a report: killed, or its node lost
+        log.error("another rank ended without saying why (killed, or its machine lost); this rank's "
+                  "collective failed with: %s", failure.line)
+    else:
+        log.error("training failed", exc_info=error)
+    if failure.known:
+        write_torchrun_error_file(failure.line if not adopted else f"rank {failure.rank}: {failure.line}")
+    return failure.code
+
+
+def write_torchrun_error_file(line: str) -> None:
+    """torchrun prints this file's message as the failure's "traceback" in its summary."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as handle:
+            json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+    except OSError:  # a full disk: torchrun then prints its generic line
+        pass

@@ -1,0 +1,90 @@
+"""Everything the user gave, checked on every rank before the process group starts.
+
+A refusal here is the same on every rank and comes before any rank waits for another, so it is
+always the one-line error with exit 2: checked later, one rank's refusal became the other ranks'
+"Gloo connectFullMesh failed" traceback, or a 30-minute wait, depending on timing. Checked:
+
+- ``train.output_dir`` can be created and written (storage.py), and its free space, with a
+  warning when it holds less than two checkpoints (``checkpoint_bytes``);
+- ``checkpoint.resume``: the path exists and holds a complete checkpoint that this model, ZeRO
+  stage and world size can load (checkpoint.py's own checks, run early);
+- the shards: every local shard exists and every shard's sample count is known (sources.py).
+
+The trainer may run the same functions again later (they are cheap) or take the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import checkpoint
+from pipeline.config import Config, ModelConfig
+from pipeline.data.sources import Shard, resolve_shards
+from pipeline.distributed.env import DistributedEnv
+from pipeline.storage import check_writable
+
+log = logging.getLogger(__name__)
+
+ADAM_STATE_BYTES = 8  # two fp32 moments per parameter
+
+
+@dataclass(frozen=True)
+class Preflight:
+    resume: checkpoint.ResumePlan | None
+    train_shards: list[Shard]
+    val_shards: list[Shard] | None
+    checkpoint_bytes: int  # the estimated size of one checkpoint, all ranks together
+
+
+def preflight(cfg: Config, env: DistributedEnv) -> Preflight:
+    """Refuse (UserError, exit 2) whatever of the user's input cannot work; warn on low space."""
+    output_dir = Path(cfg.train.output_dir)
+    check_writable(output_dir)
+    resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir, overwrite=cfg.checkpoint.overwrite)
+    plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
+                                  world_size=env.world_size, zero_stage=cfg.train.zero_stage)
+    train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards")
+    val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards") if cfg.data.val_shards \
+        else None
+    size = checkpoint_bytes(count_parameters(cfg.model), zero_stage=cfg.train.zero_stage,
+                            precision=cfg.train.precision)
+    if env.is_main:
+        warn_if_low_space(output_dir, size)
+    return Preflight(resume=plan, train_shards=train, val_shards=val, checkpoint_bytes=size)
+
+
+def count_parameters(model_cfg: ModelConfig) -> int:
+    """The model's parameter count, from the model built on the meta device (no memory, no time)."""
+    import torch
+
+    from pipeline.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def checkpoint_bytes(num_params: int, *, zero_stage: int, precision: str) -> int:
+    """What one DeepSpeed checkpoint of an Adam-trained model holds, per parameter:
+
+    - the weights in the engine's dtype, in the model-states file (ZeRO 0-2; ZeRO-3 keeps none
+      there): 2 bytes at ZeRO 1-2 in bf16/fp16, else 4 (bf16 at ZeRO-0 trains fp32 weights);
+    - an fp32 master copy in the optimizer states: ZeRO 1-3, and fp16 at ZeRO-0;
+    - Adam's two fp32 moments.
+    """
+    low = precision in ("bf16", "fp16")
+    weights = 0 if zero_stage == 3 else (2 if low and zero_stage > 0 or precision == "fp16" else 4)
+    master = 4 if zero_stage > 0 or precision == "fp16" else 0
+    return num_params * (weights + master + ADAM_STATE_BYTES)
+
+
+def warn_if_low_space(output_dir: Path, one_checkpoint: int) -> None:
+    """A save needs room for a new checkpoint while the previous one is still there."""
+    free = shutil.disk_usage(output_dir).free
+    if free < 2 * one_checkpoint:
+        log.warning("train.output_dir '%s' has %.1f MB free, less than two checkpoints (about %.1f MB each): a "
+                    "save may fill the disk; free space or lower checkpoint.keep_last", output_dir, free / 1e6,
+                    one_checkpoint / 1e6)
