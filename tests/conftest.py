@@ -45,10 +45,10 @@ def run_env(threads: int = 1) -> dict:
 
 
 def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, config: str | None = None,
-             env: dict | None = None) -> subprocess.CompletedProcess:
+             env: dict | None = None, script: Path = PRETRAIN) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N launch/pretrain.py ...`, as a user types it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(PRETRAIN), "--config", config or str(ROOT / "configs/digits_tiny.yaml"), *overrides]
+               str(script), "--config", config or str(ROOT / "configs/digits_tiny.yaml"), *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env=env or run_env())
 

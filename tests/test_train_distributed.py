@@ -1,27 +1,48 @@
-"""Real 2-process training runs under torchrun (gloo, CPU): every ZeRO stage, fp32 and bf16."""
+"""Real 2-process training runs under torchrun (gloo, CPU): every ZeRO stage, fp32 and bf16.
+
+The runs go through tests/guarded_pretrain.py, which makes two CUDA-only faults visible on a
+CPU: a host tensor handed to a collective of the device's group (NCCL refuses it), and a
+host-device synchronisation in a steady-state step (one stalls the GPU's queue).
+"""
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-import subprocess
-import sys
-
 from conftest import PRETRAIN, ROOT, TINY, metrics, run_env, shard_overrides, torchrun
+
+GUARDED = Path(__file__).with_name("guarded_pretrain.py")
+
+
+def guard_reports(out: Path) -> list[dict]:
+    return [json.loads((out / f"guard_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision):
     out = tmp_path / "run"
+    # Rows every 5 steps, evaluation at 10, checkpoints at 15: steps in between are steady-state steps.
     result = torchrun(2, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={out}",
                           f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=30", "optim.lr=3e-3", "data.batch_size=32",
-                          "model.activation_checkpointing=every-2"])
+                          "model.activation_checkpointing=every-2", "train.log_every=5", "train.eval_every=10",
+                          "checkpoint.every_steps=15"], script=GUARDED)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "exit_status").read_text().strip() == "0"
+    for report in guard_reports(out):
+        assert report["refused"] == []  # every collective of the device's group got device tensors
+        ours = [row for row in report["syncs"] if row["phase"] == "step" and row["origin"].startswith("pipeline")]
+        assert ours == []  # our code never waits for the device in a steady-state step
+        if stage == 0:  # there the whole step is ours and DeepSpeed's engine: nothing waits after warm-up
+            assert [row for row in report["syncs"] if row["phase"] == "step" and row["step"] > 0] == []
     train_rows, val_rows = metrics(out)
-    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    assert [r["step"] for r in train_rows] == list(range(5, 31, 5))
     losses = [r["loss"] for r in train_rows]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.03, losses  # a ViT leaves chance slowly
+    assert losses[-1] < losses[0] - 0.03, losses  # means over steps 26-30 vs 1-5: a ViT leaves chance slowly
     assert val_rows and val_rows[-1]["val_samples"] > 0
     assert 0 < train_rows[-1]["samples_per_s"] and 0 <= train_rows[-1]["data_wait_fraction"] <= 1
     assert train_rows[-1]["mfu"] > 0 and train_rows[-1]["grad_norm"] > 0
