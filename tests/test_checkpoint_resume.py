@@ -25,7 +25,7 @@ def base(tmp_path_factory) -> Path:
 def assert_same_training(full: Path, resumed: Path, tmp_path: Path) -> None:
     """Per-step losses bitwise, the same samples at every step on every rank, the same final weights."""
     expected, got = runs.train_rows(full), runs.train_rows(resumed)
-    assert sorted(got) == sorted(expected) == list(range(1, runs.STEPS + 1))
+    assert sorted(got) == sorted(expected) and sorted(expected)[-1] == runs.STEPS
     for step in expected:
         for key in ("loss", "grad_norm", "lr", "epoch"):
             assert got[step][key] == expected[step][key], (step, key, got[step][key], expected[step][key])
