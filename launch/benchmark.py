@@ -1,6 +1,6 @@
 """Benchmarks: `python launch/benchmark.py <suite> [--json OUT] [suite options]`.
 
-Suites (``pipeline/benchmarks/<suite>.py``, each ``run(args) -> dict``): model, step, roofline,
+Suites (``launch/benchmarks/<suite>.py``, each ``run(args) -> dict``): model, step, roofline,
 memory, checkpoint, data, gpu. `python launch/benchmark.py <suite> --help` lists a suite's
 options. The figures are printed as tables and, with --json, written with the machine, the
 date, the command line and the load average before and after.
@@ -29,9 +29,9 @@ SUITES = {
 
 
 def load_suite(name: str):
-    """Import ``pipeline.benchmarks.<name>`` only now: one suite's missing module or dependency
+    """Import ``launch.benchmarks.<name>`` only now: one suite's missing module or dependency
     must not stop the others."""
-    module_name = f"pipeline.benchmarks.{name}"
+    module_name = f"launch.benchmarks.{name}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = load_suite(name)
     args = suite_parser(name, module).parse_args(argv[1:])
-    from pipeline.benchmarks.common import OtherLoad, load_average, machine_info
+    from launch.benchmarks.common import OtherLoad, load_average, machine_info
 
     meta = {**machine_info(), "command": "python launch/benchmark.py " + " ".join(argv),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

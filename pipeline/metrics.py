@@ -79,11 +79,16 @@ class TensorBoardWriter:
         with writing("TensorBoard events", self.log_dir):
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self._writer.add_scalar(key, value, step)
+                    self._writer.add_scalar(tensorboard_tag(key), value, step)
 
     def close(self) -> None:
         with writing("TensorBoard events", self.log_dir):
             self._writer.close()
+
+
+def tensorboard_tag(key: str) -> str:
+    """Grouped as TensorBoard shows sections: ``val_top1`` -> ``val/top1``, ``loss`` -> ``train/loss``."""
+    return f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
 
 
 class NullWriter:
@@ -143,44 +148,65 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return measure_matmul_flops(dtype, size=1024, repeats=4)
 
 
-def measure_matmul_flops(dtype: torch.dtype, *, size: int, repeats: int, device: str = "cpu") -> float:
-    """Best-of-``repeats`` FLOP/s of a square ``torch.mm`` (the ceiling a step's matmuls face)."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    torch.mm(a, b)  # warm-up: thread pool, kernel choice
+def measure_matmul_flops(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best-of-``repeats`` FLOP/s of a square ``torch.mm`` (the ceiling a step's matmuls face; the
+    benchmarks' reference too)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, kernel choice
     best = float("inf")
     for _ in range(repeats):
         if device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        torch.mm(a, b)
+        torch.mm(a, b, out=out)
         if device != "cpu":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2.0 * size**3 / best
 
 
-class ProgressBar:
-    """A one-line progress display on rank 0 (step, loss, lr, images/s); silent elsewhere."""
+class Progress:
+    """Rank 0's view of the run: a tqdm bar on a terminal, else one plain log line per metrics row.
 
-    def __init__(self, total: int, *, initial: int, enabled: bool):
-        self._bar = None
-        if enabled:
+    A bar in a file (Slurm's output, a redirected log) is a wall of carriage returns, and with
+    ``train.progress_bar=false`` a run would say nothing between its start and the first
+    evaluation; so without a bar, every metrics row is also printed as one line."""
+
+    def __init__(self, total: int, *, initial: int, enabled: bool, bar: bool = True):
+        self.total, self.enabled, self._bar = total, enabled, None
+        if enabled and bar and sys.stderr.isatty():
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr,
                              desc="train", mininterval=1.0)
 
-    def update(self, step: int, **fields: Any) -> None:
-        if self._bar is None:
+    def update(self, step: int) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)  # redraws at most once per mininterval
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        """A metrics row: the bar's figures, or a line of its own."""
+        if not self.enabled:
             return
-        self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()},
-                              refresh=False)
-        self._bar.update(step - self._bar.n)  # redraws at most once per mininterval
+        if self._bar is not None:
+            self._bar.set_postfix({"loss": f"{row['loss']:.4g}", "lr": f"{row['lr']:.3g}",
+                                   "img/s": f"{row['samples_per_s']:.0f}"}, refresh=False)
+            return
+        eta = row["step_time_s"] * (self.total - step)
+        log.info("step %d/%d  loss %.4f  lr %.3g  %.0f img/s  data wait %.1f%%  ETA %s", step, self.total,
+                 row["loss"], row["lr"], row["samples_per_s"], 100 * row["data_wait_fraction"], _duration(eta))
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:

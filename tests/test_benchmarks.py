@@ -71,7 +71,7 @@ def test_step_suite_overhead(tmp_path):
 
 ZERO3_LINEAR_CHECK = """
 import torch, torch.nn.functional as F
-from pipeline.benchmarks import steps
+from launch.benchmarks import steps
 torch_linear = F.linear
 steps.single_process_group()
 cfg = steps.train_config("tiny", batch_size=2, precision="fp32", zero_stage=3)
@@ -120,7 +120,7 @@ def test_memory_suite(tmp_path):
 
 
 def test_zero_prediction():
-    from pipeline.benchmarks.memory import predicted_state_bytes
+    from launch.benchmarks.memory import predicted_state_bytes
 
     p = 1000
     assert [predicted_state_bytes(p, s, 2) for s in range(4)] == [16 * p, 12 * p, 10 * p, 8 * p]

@@ -2,8 +2,8 @@
 
 Images stay uint8 through decode, crop, flip, collation and the trip from the worker to the
 main process (torchvision's uint8 resize kernels are the fast path, and a float batch costs
-4x the shared memory, whose fresh pages cost more than the normalization itself); the main
-process normalizes once per batch in :class:`NormalizeBatch`, into pinned memory when asked.
+4x the shared memory, whose fresh pages cost more than the normalization itself); the trainer
+normalizes each batch on its device (``device_feed.Normalize``).
 Decoding uses ``torchvision.io.decode_image`` on a bytearray, which measured faster than PIL
 here. :func:`decode` always returns uint8 with the model's channel count: 16-bit images are
 scaled to 8 bits, alpha is dropped, grayscale is repeated to three channels and colour
@@ -122,20 +122,3 @@ def eval_transform(image_size: tuple[int, int], *, crop_pct: float) -> Sized:
         resize = v2.Resize((math.floor(height / crop_pct), math.floor(width / crop_pct)), antialias=True)
     return Sized(v2.Compose([resize, v2.CenterCrop(image_size)]), image_size)
 
-
-class NormalizeBatch:
-    """uint8 (B, C, H, W) -> float32 (B, C, H, W): ``(x / 255 - mean) / std``."""
-
-    def __init__(self, mean: list[float], std: list[float], num_channels: int):
-        if len(mean) == 1:
-            mean, std = mean * num_channels, std * num_channels
-        if len(mean) != num_channels or len(std) != num_channels:
-            raise ValueError(f"data.mean/data.std have {len(mean)} values but the model has "
-                             f"{num_channels} channels; give {num_channels} values (or 1)")
-        self.scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(-1, 1, 1)
-        self.shift = torch.tensor([m / s for m, s in zip(mean, std)]).view(-1, 1, 1)
-
-    def __call__(self, images: torch.Tensor, *, pin_memory: bool = False) -> torch.Tensor:
-        out = torch.empty(images.shape, dtype=torch.float32, pin_memory=pin_memory)
-        # copy_ first: a mixed uint8 x float multiply measured 6x slower than copy + float ops
-        return out.copy_(images).mul_(self.scale).sub_(self.shift)

@@ -16,8 +16,8 @@ import contextlib
 
 import torch
 
-from pipeline.benchmarks import peers
-from pipeline.benchmarks.common import interleaved, model_config, option, set_threads, summarize
+from launch.benchmarks import peers
+from launch.benchmarks.common import interleaved, model_config, option, set_threads, summarize
 from pipeline.model import vit_flops
 
 DEFAULTS = dict(sizes=["S/16", "B/16"], precisions=["fp32", "bf16"], batch_size=8, image_size=None, repeats=5,

@@ -21,9 +21,10 @@ import argparse
 
 import torch
 
-from pipeline.benchmarks import peers, steps
-from pipeline.benchmarks.common import interleaved, matmul_flops, option, set_threads, summarize
-from pipeline.benchmarks.model import train_step_fn
+from launch.benchmarks import peers, steps
+from launch.benchmarks.common import interleaved, option, set_threads, summarize
+from pipeline.metrics import measure_matmul_flops as matmul_flops
+from launch.benchmarks.model import train_step_fn
 from pipeline.compiling import compile_layers
 from pipeline.heap import keep_heap
 from pipeline.model import vit_flops

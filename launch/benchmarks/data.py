@@ -5,9 +5,10 @@ written into class folders in a temporary directory and sharded with ``make_shar
 
 - ceiling: decode + RandomResizedCrop of the same bytes in a tight loop, one thread, no tar,
   no loader (what a worker could do at best);
-- transform: the full training transform (decode, crop, flip, normalize) in the same loop;
+- transform: the full worker transform (decode, crop, flip; uint8) in the same loop;
 - loader: the real training loader (tar reading, shuffle buffer, decode, augment, collate,
-  transfer to the main process, normalization there) with 0 (in-process), 1 and 2 workers,
+  transfer to the main process; normalization happens on the trainer's device) with 0
+  (in-process), 1 and 2 workers,
   timed after the first batch (worker start and the first shuffle-buffer fill excluded), and
   compared with the mean of the ceilings measured just before and just after it; every setting
   runs once per round (``rounds``, default 3), and each figure is the median over the rounds.
@@ -33,11 +34,11 @@ import torch
 from torchvision.io import decode_image, encode_jpeg
 from torchvision.transforms import v2
 
-from pipeline.benchmarks.common import descendants_cpu_s
+from launch.benchmarks.common import descendants_cpu_s
 from pipeline.config import DataConfig
 from pipeline.data import build_train_loader
 from pipeline.data.shards import write_shards
-from pipeline.data.transforms import NormalizeBatch, decode, train_transform
+from pipeline.data.transforms import decode, train_transform
 from pipeline.heap import keep_heap
 
 DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=5.0, rounds=3, seed=0)
@@ -85,15 +86,14 @@ class DecodeCrop:
 
 
 class FullTransform:
-    """The training transform of the loader, per image (normalize per image here)."""
+    """What a worker does per image: decode, then the training augmentation (uint8 out)."""
 
     def __init__(self, size: int, cfg: DataConfig):
         self.transform = train_transform((size, size), augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
                                          hflip=cfg.hflip, shift_pixels=cfg.shift_pixels)
-        self.normalize = NormalizeBatch(cfg.mean, cfg.std, 3)
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return self.normalize(self.transform(decode(data, 3))[None])  # the loader normalizes per batch
+        return self.transform(decode(data, 3))
 
 
 def _ceiling_in_child(jpegs: list[bytearray], size: int, seconds: float, results) -> None:

@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
-from pipeline.benchmarks import steps
-from pipeline.benchmarks.common import interleaved, option, set_threads, summarize
+from launch.benchmarks import steps
+from launch.benchmarks.common import interleaved, option, set_threads, summarize
 from pipeline.heap import keep_heap
 
 # 21 rounds: with 5-7, one setting's median overhead moved by up to 12 points between runs on a

@@ -20,9 +20,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.benchmarks.common import matmul_flops, model_config, option
+from launch.benchmarks.common import model_config, option
+from pipeline.metrics import measure_matmul_flops as matmul_flops
+from pipeline.compiling import compile_layers
 
 DEFAULTS = dict(sizes=["L/16", "B/16"], checkpointing=["none", "all"], compile=["off", "on"], steps=10, warmup=3,
                 batch_size=None, max_batch=2048, memory_fraction=0.9, budget_s=420.0, device="cuda",
@@ -66,19 +67,19 @@ class Trainee:
 
     def __init__(self, cfg, device: torch.device, compiled: bool, scope: str = "layer", weights: str = "fp32"):
         from pipeline.config import OptimConfig
-        from pipeline.model import build_model
         from pipeline.optim import build_optimizer
+        from pipeline.tasks import ClassificationTask
 
         torch.manual_seed(0)
-        self.model = build_model(cfg).to(device).train()
+        self.task = ClassificationTask()
+        self.model = self.task.build_model(cfg).to(device).train()
         if weights == "bf16":
             self.model.to(torch.bfloat16)
         self.autocast = weights == "fp32"
         if compiled and scope == "model":
             self.model.compile()
         elif compiled:
-            for layer in self.model.vit.encoder.layer:  # per layer, as train.compile=true
-                layer.compile()
+            compile_layers(self.model)  # per layer, as train.compile=true
         self.optimizer = build_optimizer(self.model, OptimConfig())
         self.cfg, self.device = cfg, device
 
@@ -89,8 +90,7 @@ class Trainee:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast), sdpa_flash():
-            logits = self.model(images).logits
-        loss = F.cross_entropy(logits.float(), labels)
+            loss = self.task.loss(self.model, {"image": images, "label": labels})  # the trainer's loss
         with sdpa_flash():
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)

@@ -1,7 +1,8 @@
-"""Training steps the suites time: a plain PyTorch AdamW step, and one through our DeepSpeed engine.
+"""Training steps the suites time: a plain PyTorch AdamW step, and the trainer's own through DeepSpeed.
 
-Both do what the trainer does per step: forward (autocast for bf16 with fp32 weights), fp32
-cross-entropy with label smoothing, backward, gradient clipping, AdamW, LR schedule.
+Both compute the task's loss (``pipeline.tasks``: fp32 cross-entropy with label smoothing for
+classification); the plain one does backward, clipping, AdamW and the LR schedule by hand, the
+other is ``pipeline.train_step.TrainStep``, the very step the trainer runs.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config, load_config
+from pipeline.tasks import build_task
 
 
 def train_config(size: str, *, batch_size: int, precision: str, zero_stage: int = 0, image_size: int | None = None,
@@ -36,10 +38,8 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 
 def build_seeded_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
-    from pipeline.model import build_model
-
     torch.manual_seed(seed)  # every contender starts from the same weights
-    return build_model(cfg.model)
+    return build_task(cfg).build_model(cfg.model)
 
 
 def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor,
@@ -52,10 +52,12 @@ def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor,
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     use_autocast = cfg.train.precision == "bf16"
 
+    task = build_task(cfg)
+    batch = {"image": images, "label": labels}
+
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
-            logits = model(images).logits
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
+            loss = task.loss(model, batch)  # the trainer's loss, without DeepSpeed around it
         loss.backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -95,40 +97,34 @@ def single_process_group() -> bool:
 
 def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                 *, world_size: int = 1):
-    """A step through our DeepSpeed engine (as the trainer runs it); returns (step, engine parts).
+    """The trainer's own step (``TrainStep``) through our DeepSpeed engine; returns (step, engine).
 
     ``step(after_backward)`` calls ``after_backward()`` between the backward pass and the
     optimizer step, where gradients, weights and optimizer states all exist."""
-    from pipeline.distributed.engine import autocast_context, build_engine
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.distributed.engine import build_engine
+    from pipeline.distributed.precision import engine_dtype
+    from pipeline.train_step import TrainStep
 
     torch_linear = F.linear
-    parts = build_engine(model, cfg, world_size=world_size,
-                         optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
-                         scheduler_factory=lambda opt: build_scheduler(opt, cfg.optim, cfg.train.max_steps))
+    engine = build_engine(model, cfg, world_size=world_size)
     # A ZeRO-3 engine replaces torch.nn.functional.linear for the whole process (DeepSpeed's
     # memory_efficient_linear): a plain step built beside it ran 9% slower with it (1.27 -> 1.39 s,
     # ViT-S/16 fp32). Each contender gets its own: the engine's inside its step, torch's elsewhere.
     engine_linear = F.linear
     F.linear = torch_linear
-    engine = parts.engine
     engine.train()
-    dtype = torch.bfloat16 if parts.ds_config["bf16"]["enabled"] else torch.float32
-    device = torch.device("cpu")
-    images = images.to(dtype)
+    train_step = TrainStep(engine, build_task(cfg), cfg, torch.device("cpu"))
+    batch = {"image": images.to(engine_dtype(cfg.train)), "label": labels}
 
     def step(after_backward: Callable[[], None] | None = None) -> float:
         F.linear = engine_linear
         try:
-            with autocast_context(cfg, device):
-                logits = engine(images).logits
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.train.label_smoothing)
-            engine.backward(loss)
+            loss = train_step.micro(batch)
             if after_backward is not None:  # e.g. to count memory while the gradients exist
                 after_backward()
-            engine.step()
+            train_step.step()
             return loss.item()
         finally:
             F.linear = torch_linear
 
-    return step, parts
+    return step, engine

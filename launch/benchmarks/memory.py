@@ -127,10 +127,10 @@ def mib(n: float) -> float:
 
 def checkpointing_worker(opts: dict) -> dict:
     import torch
-    import torch.nn.functional as F
 
-    from pipeline.benchmarks import steps
+    from launch.benchmarks import steps
     from pipeline.optim import build_optimizer
+    from pipeline.tasks import build_task
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
@@ -140,10 +140,11 @@ def checkpointing_worker(opts: dict) -> dict:
     model = steps.build_seeded_model(cfg).train()
     optimizer = build_optimizer(model, cfg.optim)
 
+    task, batch = build_task(cfg), {"image": images, "label": labels}
+
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
-            logits = model(images).logits
-        F.cross_entropy(logits.float(), labels).backward()
+            task.loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated: they are state, not activations
 
@@ -170,7 +171,7 @@ def run_checkpointing(opts: dict) -> dict:
     for setting in opts["settings"]:
         with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
             out = Path(tmp, "result.json")
-            command = [sys.executable, "-m", "pipeline.benchmarks.memory", "--worker", "checkpointing",
+            command = [sys.executable, "-m", "launch.benchmarks.memory", "--worker", "checkpointing",
                        "--opts", json.dumps({**opts, "setting": setting}), "--out", str(out)]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0 or not out.is_file():
@@ -210,7 +211,7 @@ def predicted_state_bytes(params: int, stage: int, ranks: int, precision: str = 
 def zero_worker(opts: dict) -> dict:
     import torch
 
-    from pipeline.benchmarks import steps
+    from launch.benchmarks import steps
     from pipeline.distributed.engine import destroy_process_group, init_process_group
     from pipeline.distributed.env import resolve_env
 
@@ -225,7 +226,7 @@ def zero_worker(opts: dict) -> dict:
         images, labels = steps.synthetic_batch(cfg, seed=env.rank)
         model = steps.build_seeded_model(cfg)
         params = sum(p.numel() for p in model.parameters())
-        step, parts = steps.engine_step(cfg, model, images, labels, world_size=env.world_size)
+        step, engine = steps.engine_step(cfg, model, images, labels, world_size=env.world_size)
         times, counted = [], {}
 
         def count() -> None:  # after backward, before the optimizer step: every kind of state exists
@@ -258,7 +259,7 @@ def run_zero(opts: dict) -> dict:
     for stage in opts["stages"]:
         with tempfile.TemporaryDirectory(prefix="bench-zero-") as tmp:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={opts['nproc']}", "-m", "pipeline.benchmarks.memory", "--worker", "zero",
+                       f"--nproc_per_node={opts['nproc']}", "-m", "launch.benchmarks.memory", "--worker", "zero",
                        "--opts", json.dumps({**opts, "stage": stage, "out_dir": tmp})]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             ranks = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
@@ -286,7 +287,7 @@ def run_zero(opts: dict) -> dict:
 
 def run(args: argparse.Namespace | None = None) -> dict:
     """Checkpointing settings (one process each) and ZeRO stages (one torchrun each)."""
-    from pipeline.benchmarks.common import option
+    from launch.benchmarks.common import option
 
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     result: dict = {"settings": dict(opts), "rows": []}

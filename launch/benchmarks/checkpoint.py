@@ -43,7 +43,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     try:
         result_path = work / "result.json"
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={opts['nproc']}",
-                   "-m", "pipeline.benchmarks.checkpoint", "--worker", "--dir", str(work), "--size", opts["size"],
+                   "-m", "launch.benchmarks.checkpoint", "--worker", "--dir", str(work), "--size", opts["size"],
                    "--zero-stage", str(opts["zero_stage"]), "--precision", opts["precision"],
                    "--repeats", str(opts["repeats"])]
         env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
@@ -114,7 +114,7 @@ def worker(opts: argparse.Namespace) -> None:
     from pipeline.distributed.engine import build_engine, init_process_group
     from pipeline.distributed.env import resolve_env
     from pipeline.model import build_model
-    from pipeline.optim import build_optimizer, build_scheduler
+    from pipeline.distributed.precision import engine_dtype
 
     env = resolve_env()
     if not torch.cuda.is_available():
@@ -127,11 +127,8 @@ def worker(opts: argparse.Namespace) -> None:
                              f"train.precision={opts.precision}", "data.batch_size=1", f"train.output_dir={work}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    parts = build_engine(model, cfg, world_size=env.world_size,
-                         optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
-                         scheduler_factory=lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
-    engine = parts.engine
-    dtype = torch.bfloat16 if parts.ds_config["bf16"]["enabled"] else torch.float32
+    engine = build_engine(model, cfg, world_size=env.world_size)
+    dtype = engine_dtype(cfg.train)
     images = torch.randn(1, cfg.model.num_channels, *cfg.model.image_hw, dtype=dtype)
     loss = engine(images).logits.float().logsumexp(-1).mean()  # one step: every optimizer state exists
     engine.backward(loss)

@@ -137,24 +137,6 @@ def interleaved(contenders: dict[str, Callable[[], None]], *, repeats: int, warm
     return times
 
 
-def matmul_flops(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """Best-of-``repeats`` FLOP/s of a square ``torch.mm`` of ``size`` (the machine's matmul ceiling)."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: thread pool, kernel choice
-    best = float("inf")
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
 def option(args, name: str, default):
     """``args.name`` when given (not None), else ``default``: suites also run with ``args=None``."""
     value = getattr(args, name, None) if args is not None else None
