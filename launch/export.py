@@ -1,7 +1,11 @@
 """Export a checkpoint to HuggingFace's format: `python launch/export.py --checkpoint RUN_OR_STEP_DIR --out DIR`.
 
-The result (`config.json` + `model.safetensors`, fp32) loads with
+The result (`config.json` with the dataset's class names, `model.safetensors` in fp32, and
+`preprocessor_config.json` with the run's evaluation transform) loads with
+`transformers.pipeline("image-classification", model=DIR)`, with
 `transformers.ViTForImageClassification.from_pretrained(DIR)` and with `pipeline.model.from_pretrained`.
+A model trained on one channel is exported taking RGB (see pipeline/export_meta.py) unless
+`--one-channel`. Exit code 2: a mistake in what to export or where.
 """
 from __future__ import annotations
 
@@ -20,13 +24,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a run's output_dir, or its checkpoints/step-N")
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors")
+    parser.add_argument("--one-channel", action="store_true",
+                        help="keep a 1-channel model's single input channel (HF's image pipeline then cannot feed it)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out)
+        out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel)
     except (*USER_ERRORS, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

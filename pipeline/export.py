@@ -4,6 +4,10 @@ The shards are read with ``torch.load(weights_only=True)``: a checkpoint from el
 run code on the machine that exports it. DeepSpeed's own ``zero_to_fp32`` unpickles everything
 (``weights_only=False``), so the few lines of its reconstruction that ZeRO 1-3 need live here;
 the tests hold them to DeepSpeed's result, bit for bit.
+
+What HF's tools need beside the weights comes from the run (``export_meta.py``): the class
+names of the shards' manifest and an image processor that repeats the evaluation transform, so
+that ``transformers.pipeline("image-classification", model=DIR)`` classifies as the run did.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, complete_checkpoints, read_marker, step_of
 from pipeline.config import ModelConfig
-from pipeline.model import build_model, save_pretrained
+from pipeline.export_meta import check_out_dir, export_model, run_config
+from pipeline.model import build_model
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +159,11 @@ def _merge_zero3(param_shapes: list[dict], flat_groups: list[list[torch.Tensor]]
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (fp32) for ``checkpoint`` into ``out_dir``."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input: bool = True) -> Path:
+    """Write ``config.json``, ``model.safetensors`` (fp32) and ``preprocessor_config.json`` for
+    ``checkpoint`` into ``out_dir``; ``rgb_input``: see ``export_meta.export_model``."""
     tag_dir = find_checkpoint(checkpoint)
+    out_dir = check_out_dir(out_dir)
     marker = read_marker(tag_dir)
     model_cfg = ModelConfig(**{**marker["model"], "activation_checkpointing": "none"})
     model = build_model(model_cfg)
@@ -165,6 +172,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{tag_dir}' does not match its recorded model config: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    save_pretrained(model, out_dir)
+    export_model(model, out_dir, run=run_config(tag_dir), rgb_input=rgb_input)
     log.info("exported %s (step %s, ZeRO-%s) to %s", tag_dir, marker["step"], marker["zero_stage"], out_dir)
-    return Path(out_dir)
+    return out_dir

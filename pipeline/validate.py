@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.sources import DataError, expand_sources, manifest_beside, read_manifest
+from pipeline.data.sources import manifest_classes
 from pipeline.distributed.engine import build_deepspeed_config
 
 IMAGE_CHANNELS = (1, 3)  # what the image loader decodes to (grayscale or RGB)
@@ -32,22 +32,8 @@ def validate_run(cfg: Config, world_size: int) -> None:
     validate_deepspeed(cfg, world_size)
 
 
-def manifest_classes(cfg: Config) -> tuple[list[str], str] | None:
-    """The class names of the training shards' manifest and where it is; None when there is none."""
-    urls = expand_sources(cfg.data.train_shards)
-    if not urls:
-        return None
-    location = cfg.data.manifest or manifest_beside(urls[0])
-    try:
-        manifest = read_manifest(location)
-    except DataError:  # no manifest: the loader counts the shards itself, and knows no classes
-        return None
-    classes = manifest.get("classes")
-    return (list(map(str, classes)), location) if isinstance(classes, list) and classes else None
-
-
 def check_num_labels(cfg: Config) -> None:
-    found = manifest_classes(cfg)
+    found = manifest_classes(cfg.data.train_shards, cfg.data.manifest)
     if found is None:
         return
     classes, location = found

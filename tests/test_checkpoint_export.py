@@ -3,6 +3,8 @@ and computes what the training run computed."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +44,11 @@ def test_export_loads_in_transformers_with_our_logits(base, digits_shards, tmp_p
     result = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(run), "--out",
                              str(out)], capture_output=True, text=True, timeout=300, env=run_env())
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask for p in out.iterdir())  # not safetensors' 0600
+    assert json.loads((out / "config.json").read_text())["id2label"] == {str(i): str(i) for i in range(10)}
 
     # Our weights-only reconstruction is DeepSpeed's, bit for bit.
     tag_dir = find_checkpoint(run)
@@ -55,8 +61,8 @@ def test_export_loads_in_transformers_with_our_logits(base, digits_shards, tmp_p
     model = build_model(ModelConfig(**read_marker(tag_dir)["model"])).eval()
     model.load_state_dict(reference)
     images = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(stage))
-    with torch.no_grad():
-        assert (hf(pixel_values=images).logits - model(images).logits).abs().max().item() <= 1e-5
+    with torch.no_grad():  # the 1-channel model is exported taking RGB: gray images give its logits
+        assert (hf(pixel_values=images.expand(-1, 3, -1, -1)).logits - model(images).logits).abs().max().item() <= 1e-5
 
     # And it computes what the training run computed: the run's last validation loss.
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -72,13 +78,26 @@ def validation_loss(hf, run: Path) -> tuple[float, int]:
     cfg = load_config(run / "config.yaml")
     loader = build_eval_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
                                rank=0, world_size=1)
+    mean, std = cfg.data.mean[0], cfg.data.std[0]
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            losses = F.cross_entropy(hf(pixel_values=batch["image"]).logits.float(), batch["label"], reduction="none")
+            images = (batch["image"].float() / 255 - mean) / std  # the loader ships uint8
+            logits = hf(pixel_values=images.expand(-1, 3, -1, -1)).logits.float()
+            losses = F.cross_entropy(logits, batch["label"], reduction="none")
             total += (losses * batch["valid"]).sum().item()
             count += int(batch["valid"].sum())
     return total / max(count, 1), count
+
+
+def test_export_refuses_an_output_path_that_is_a_file_in_one_line(base, digits_shards, tmp_path):
+    run = runs.checkpoint_run(base, digits_shards, 0)
+    (tmp_path / "taken").write_text("")
+    result = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(run), "--out",
+                             str(tmp_path / "taken")], capture_output=True, text=True, timeout=120, env=run_env())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: --out '{tmp_path / 'taken'}' is a file; give a " \
+                                                     "directory (it is created if missing)"
 
 
 def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path):

@@ -111,6 +111,21 @@ def read_manifest(location: str) -> dict:
     return manifest
 
 
+def manifest_classes(spec: str | list[str], manifest: str | None = None) -> tuple[list[str], str] | None:
+    """The class names in the manifest of the shards ``spec`` names, and where it is; None when
+    there is no readable manifest or it names no classes (the loader then counts samples itself)."""
+    urls = expand_sources(spec)
+    if not urls:
+        return None
+    location = manifest or manifest_beside(urls[0])
+    try:
+        found = read_manifest(location)
+    except DataError:
+        return None
+    classes = found.get("classes")
+    return ([str(c) for c in classes], location) if isinstance(classes, list) and classes else None
+
+
 def manifest_counts(manifest: dict) -> dict[str, int]:
     return {s["name"]: int(s["num_samples"]) for s in manifest["shards"]}
 

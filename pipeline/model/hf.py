@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,13 @@ HF_DEFAULT_NUM_LABELS = 2  # what transformers assumes when config.json has no i
 _UNUSED_BACKBONE_KEYS = ("vit.pooler.", "vit.embeddings.mask_token")
 
 
-def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassification") -> dict[str, Any]:
-    """Our ModelConfig as the dictionary transformers writes to config.json for ``architecture``."""
+def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassification",
+                 labels: list[str] | None = None) -> dict[str, Any]:
+    """Our ModelConfig as the dictionary transformers writes to config.json for ``architecture``.
+
+    ``labels`` names the classes (a dataset's class names) for the classifier's ``id2label``;
+    classes beyond them, or all without them, get transformers' ``LABEL_<i>``.
+    """
     if architecture == "ViTMAEForPreTraining":
         return {**{name: getattr(cfg, name) for name in MAE_HF_FIELDS}, "model_type": "vit_mae",
                 "architectures": [architecture]}
@@ -66,8 +72,9 @@ def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassifica
     hf["model_type"] = "vit"
     hf["architectures"] = [architecture]
     if architecture == "ViTForImageClassification":
-        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        hf["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+        names = _label_names(labels or [], cfg.num_labels)
+        hf["id2label"] = {str(i): name for i, name in enumerate(names)}
+        hf["label2id"] = {name: i for i, name in enumerate(names)}
     if architecture == "ViTForMaskedImageModeling":
         hf.update({name: getattr(cfg, name) for name in MIM_EXTRA_FIELDS})
     return hf
@@ -96,18 +103,26 @@ def config_from_hf(hf: dict[str, Any], *, architecture: str = "ViTForImageClassi
     return ModelConfig(**values)
 
 
+def _label_names(labels: list[str], num_labels: int) -> list[str]:
+    names = [str(name) for name in labels[:num_labels]] + [f"LABEL_{i}" for i in range(len(labels), num_labels)]
+    if len(set(names)) != len(names):  # label2id needs distinct names
+        raise ValueError(f"class names must be distinct for id2label/label2id, got {names[:10]}")
+    return names
+
+
 def _hf_num_labels(hf: dict[str, Any]) -> int:
     return len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", HF_DEFAULT_NUM_LABELS)
 
 
-def save_pretrained(model: nn.Module, directory: str | Path) -> None:
+def save_pretrained(model: nn.Module, directory: str | Path, *, labels: list[str] | None = None) -> None:
     """Write ``config.json`` and ``model.safetensors`` in transformers' layout into ``directory``:
-    a ViTForImageClassification, ViTModel, ViTMAEForPreTraining or ViTForMaskedImageModeling."""
+    a ViTForImageClassification, ViTModel, ViTMAEForPreTraining or ViTForMaskedImageModeling.
+    ``labels``: the classifier's class names (see ``config_to_hf``)."""
     if not isinstance(model, (ViTModel, *ARCHITECTURES.values())):
         raise TypeError(f"save_pretrained takes a {', '.join(ARCHITECTURES)} or ViTModel, got {type(model).__name__}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf = config_to_hf(model.config, architecture=type(model).__name__)
+    hf = config_to_hf(model.config, architecture=type(model).__name__, labels=labels)
     backbone = model if isinstance(model, ViTModel) else model.vit
     pruned = {str(i): sorted(layer.attention.pruned_heads)
               for i, layer in enumerate(backbone.encoder.layer) if layer.attention.pruned_heads}
@@ -117,7 +132,15 @@ def save_pretrained(model: nn.Module, directory: str | Path) -> None:
     # safetensors wants contiguous, unshared CPU tensors; "format": "pt" is what transformers checks.
     state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
     save_file(state, str(directory / SAFETENSORS_NAME), metadata={"format": "pt"})
+    _readable_by_all(directory / SAFETENSORS_NAME)  # safetensors creates it 0600, like a temporary file
     (directory / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+
+
+def _readable_by_all(path: Path) -> None:
+    """The mode ``open()`` would have given the file (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def from_pretrained(directory: str | Path, *, num_labels: int | None = None, activation_checkpointing: str = "none",
