@@ -133,8 +133,12 @@ def test_a_slice_short_of_good_samples_borrows_and_the_run_goes_on(tmp_path, ran
 
 def test_both_ranks_run_every_step_and_deliver_every_good_sample(tmp_path):
     pattern = write_tiny_shards(tmp_path, counts=MOSTLY_BAD_COUNTS, corrupt=MOSTLY_BAD)
-    epochs = [take(build(cfg(pattern, num_workers=2), rank=rank, world_size=2), 10) for rank in range(2)]
+    loaders = [build(cfg(pattern, num_workers=2), rank=rank, world_size=2) for rank in range(2)]
+    epochs = [take(loader, 10) for loader in loaders]
     assert [len(e) for e in epochs] == [10, 10]
     good = {f"s{s}-{p:03d}" for s, c in enumerate(MOSTLY_BAD_COUNTS) for p in range(c)} - set(MOSTLY_BAD)
     assert {k for e in epochs for b in e for k in b["key"]} == good
     assert sum(b["skipped"] for e in epochs for b in e) == len(MOSTLY_BAD)  # each bad sample counted once
+    by_shard = [loader.bad_shards for loader in loaders]  # what the max_bad_fraction refusal would list
+    assert [sum(counts.values()) for counts in by_shard] == [sum(b["skipped"] for b in e) for e in epochs]
+    assert {url.rsplit("/", 1)[-1] for counts in by_shard for url in counts} == {f"train-00000{s}.tar" for s in range(3)}

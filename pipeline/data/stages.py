@@ -25,6 +25,8 @@ from .transforms import IMAGE_EXTENSIONS, decode
 log = logging.getLogger(__name__)
 
 PAD_LABEL = -100  # the label of padding in eval batches: cross_entropy ignores it by default
+NO_LABEL = -1  # labels="optional": the sample has no .cls
+LABEL_MODES = ("required", "optional", "none")
 
 
 class BadSample(Exception):
@@ -101,7 +103,8 @@ class Refill:
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for sample in src:
-            sample["__bad_shards__"] = self.decode.take_bad_counts()
+            if self.decode.bad_counts:  # rare: no dict per sample on clean data
+                sample["__bad_shards__"] = self.decode.take_bad_counts()
             yield sample
         log.warning("%s: bad samples left the slice short; borrowing the good samples that follow it "
                     "(repeats once around the dataset) for as long as needed", self.where)
@@ -123,7 +126,8 @@ class Refill:
                     continue
                 good += 1
                 sample["__n__"], sample["__key__"] = n, item["__key__"]
-                sample["__bad_shards__"] = {}
+                if self.decode.bad_counts:  # the first pass's last bad samples, before this one
+                    sample["__bad_shards__"] = self.decode.take_bad_counts()
                 yield sample
             if not good:
                 return  # not one good sample in a whole round: TrainBatches names the problem
@@ -169,14 +173,21 @@ class DropConsumed:
 class DecodeSample:
     """Raw sample -> {"image": uint8 (C, H, W), "label": int}; BadSample when it cannot be used.
 
+    ``labels`` says what the task needs of ``.cls``: "required" (classification: a sample without
+    one is bad data), "none" (masked-image pretraining: never read, no "label" in the output) or
+    "optional" (a probe that uses labels where the shards have them: NO_LABEL where absent).
     With ``seed`` set, the augmentation of each sample is seeded by (seed, epoch, sample id), so
     it does not depend on which worker decodes it nor on where a resume started. Every image is
     checked for type, channels and size before it can reach collate. The bad samples of a
     slice's first pass are counted per shard (``take_bad_counts``).
     """
 
-    def __init__(self, transform, num_channels: int, seed: int | None = None, epoch: int = 0):
+    def __init__(self, transform, num_channels: int, seed: int | None = None, epoch: int = 0,
+                 labels: str = "required"):
+        if labels not in LABEL_MODES:
+            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         self.transform, self.num_channels, self.seed, self.epoch = transform, num_channels, seed, epoch
+        self.labels = labels
         self.size = tuple(getattr(transform, "size", ()))  # (height, width) the transform promises
         self.bad_counts: dict[str, int] = {}
 
@@ -199,12 +210,7 @@ class DecodeSample:
             raise BadSample(key, sample["__bad__"], url)
         if "__skip__" in sample:
             raise RuntimeError(f"placeholder {key} reached the decoder: resume replay is broken")
-        if "cls" not in sample:
-            raise BadSample(key, "missing label ('.cls')", url)
-        try:
-            label = int(sample["cls"])
-        except ValueError:
-            raise BadSample(key, f"label {bytes(sample['cls'][:20])!r} is not an integer", url) from None
+        label = self._label(sample, key, url)
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None:
             raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})", url)
@@ -219,7 +225,22 @@ class DecodeSample:
         if image.dtype != torch.uint8 or image.ndim != 3 or (expected and tuple(image.shape) != expected):
             raise BadSample(key, f"image came out {image.dtype} {tuple(image.shape)}, expected uint8 "
                                  f"{expected or '(C, H, W)'}", url)
-        return {"image": image, "label": label, "__n__": sample.get("__n__", 0)}
+        decoded = {"image": image, "__n__": sample.get("__n__", 0)}
+        if label is not None:
+            decoded["label"] = label
+        return decoded
+
+    def _label(self, sample: dict, key: str | None, url: str | None) -> int | None:
+        if self.labels == "none":
+            return None
+        if "cls" not in sample:
+            if self.labels == "optional":
+                return NO_LABEL
+            raise BadSample(key, "missing label ('.cls')", url)
+        try:
+            return int(sample["cls"])
+        except ValueError:
+            raise BadSample(key, f"label {bytes(sample['cls'][:20])!r} is not an integer", url) from None
 
 
 class SkipBad:
@@ -253,10 +274,12 @@ class TrainBatches:
     """
 
     def __init__(self, batch_size: int, count: int, *, length: int, epoch: int, first_index: int, stride: int,
-                 slot: int, consumed: int, where: str, ring: BatchRing | None = None, worker: int = 0):
+                 slot: int, consumed: int, where: str, ring: BatchRing | None = None, worker: int = 0,
+                 labels: bool = True):
         self.batch_size, self.count, self.length, self.epoch = batch_size, count, length, epoch
         self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
         self.where, self.ring, self.worker = where, ring, worker
+        self.labels = labels  # the samples carry "label" (DecodeSample's labels is not "none")
 
     def collate(self, images: list[torch.Tensor]) -> dict:
         """The batch's images: stacked into a reusable shared buffer when one is free."""
@@ -285,7 +308,7 @@ class TrainBatches:
             yield {
                 **self.collate([s["image"] for s in samples]),
                 # plain lists: a small tensor would cost a shared-memory file and a descriptor pass
-                "label": [s["label"] for s in samples],  # the loader makes it a tensor
+                **({"label": [s["label"] for s in samples]} if self.labels else {}),  # the loader makes it a tensor
                 "key": [s["__key__"] for s in samples],
                 "epoch": self.epoch,
                 "index": self.first_index + k * self.stride,  # batch number within the epoch
@@ -301,10 +324,11 @@ class EvalBatches:
     """``count`` batches of ``batch_size``; the slots after the last good sample are padding."""
 
     def __init__(self, batch_size: int, count: int, *, total: int, first_index: int, stride: int,
-                 image_shape: tuple[int, int, int]):
+                 image_shape: tuple[int, int, int], labels: bool = True):
         self.batch_size, self.count, self.first_index, self.stride = batch_size, count, first_index, stride
         self.total = total  # items (good or bad) in the slice: the last batch accounts for all of them
         self.image_shape = image_shape
+        self.labels = labels  # the samples carry "label" (DecodeSample's labels is not "none")
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         previous = 0
@@ -318,10 +342,11 @@ class EvalBatches:
             images = [s["image"] for s in samples] + [torch.zeros(self.image_shape, dtype=torch.uint8)] * pad
             yield {
                 "image": default_collate(images),  # uint8: the loader normalizes
-                "label": [s["label"] for s in samples] + [PAD_LABEL] * pad,  # lists: see TrainBatches
+                **({"label": [s["label"] for s in samples] + [PAD_LABEL] * pad} if self.labels else {}),  # lists
                 "valid": [True] * len(samples) + [False] * pad,
                 "key": [s["__key__"] for s in samples] + [""] * pad,
                 "index": self.first_index + k * self.stride,
                 "skipped": consumed - previous - len(samples),
             }
             previous = consumed
+
