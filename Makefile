@@ -3,17 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions for the venv and CI; pyproject.toml has lower bounds only.
+CONSTRAINTS := .ci/constraints.txt
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install clean-venv gpu-check
 
 # torch first (served from local disk), then DeepSpeed from its sdist without build
 # isolation so its build reuses that torch instead of downloading a second one.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --no-build-isolation deepspeed==0.19.8
-	$(PY) -m pip install --quiet -e '.[dev,demo]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch torchvision
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) --no-build-isolation deepspeed
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The GPU machine check (not part of `make test`): with the Python that has the machine's own
+# torch and this package installed (`pip install -e .`); `make gpu-check PYTHON=.venv/bin/python`
+# uses the venv instead. Without CUDA it runs its tiny CPU form.
+gpu-check:
+	$(PYTHON) launch/gpu_check.py $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

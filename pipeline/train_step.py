@@ -9,6 +9,8 @@ skipped inside the kernel, without a round trip to the host.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
 
 import torch
@@ -67,3 +69,20 @@ class TrainStep:
             losses.append(self.micro(batch))
             self.step()
         return torch.stack(losses).mean()
+
+
+@contextlib.contextmanager
+def steady_state(device: torch.device, *, warm: bool):
+    """A steady-state step's work (the next batch, forward, backward, optimizer). With
+    ``PIPELINE_SYNC_DEBUG=warn|error`` on a CUDA device (``make gpu-check``), torch reports (or
+    refuses) every host-device synchronisation inside it, once ``warm`` (after the first steps,
+    where DeepSpeed and the allocators set themselves up)."""
+    mode = os.environ.get("PIPELINE_SYNC_DEBUG")
+    if not (warm and mode and device.type == "cuda"):
+        yield
+        return
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -31,13 +31,15 @@ from pipeline.distributed.precision import engine_dtype, matmul_dtype
 from pipeline.errors import TrainingError
 from pipeline.evaluation import evaluate
 from pipeline.heap import keep_heap
+from pipeline.init_from import starting_weights
 from pipeline.metrics import Progress, build_metrics_writer, device_peak_flops
 from pipeline.optim import apply_current_schedule
 from pipeline.preemption import StopFlag
+from pipeline.probe import build_probe
 from pipeline.rng import rng_state, seed_everything, set_rng_state
 from pipeline.tasks import build_task
 from pipeline.train_metrics import StepWindow, train_row
-from pipeline.train_step import TrainStep
+from pipeline.train_step import TrainStep, steady_state
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +73,18 @@ class Trainer:
                 checkpoint.start_over(self.output_dir)
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         model = self.task.build_model(cfg.model)
+        starting_weights(model, task=self.task, init_from=cfg.train.init_from, plan=self.plan)  # before the engine
         if cfg.train.compile:
-            log.info("torch.compile: compiling %d encoder layers (the first step takes longer)",
-                     compile_layers(model))
+            log.info("torch.compile: compiling %d encoder layers (the first step takes longer)", compile_layers(model))
         loader_args = dict(image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels, rank=env.rank,
-                           world_size=env.world_size)
+                           world_size=env.world_size, sample_keys=self.task.sample_keys)
         self.train_loader = build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
         self.eval_loader = build_eval_loader(cfg.data, **loader_args)
         self.loader_state = self.train_loader.state_dict()  # what the last trained batch left
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.model.num_channels)
+        self.probe = build_probe(cfg, self.task, env, device=self.device, normalize=self.normalize)
         if self.plan is not None and self.plan.universal:
-            cfg.deepspeed = {**cfg.deepspeed, "checkpoint": {**cfg.deepspeed.get("checkpoint", {}),
-                                                             "load_universal": True}}
+            cfg.deepspeed["checkpoint"] = {**cfg.deepspeed.get("checkpoint", {}), "load_universal": True}
         self.engine = build_engine(model, cfg, world_size=env.world_size)
         self.train_step = TrainStep(self.engine, self.task, cfg, self.device)
         self.agreement = StepAgreement()
@@ -150,14 +152,15 @@ class Trainer:
         self.engine.train()
         while self.step < max_steps:
             keys, skipped = [], 0
-            for _ in range(cfg.train.grad_accum_steps):
-                wait_start = time.perf_counter()
-                batch = next(feed)
-                window.data_wait += time.perf_counter() - wait_start
-                keys.extend(batch["key"])
-                skipped += batch["skipped"]
-                window.add_loss(self.train_step.micro(batch))
-                window.grad_norm = self.train_step.step()
+            with steady_state(self.device, warm=self.step >= 2):
+                for _ in range(cfg.train.grad_accum_steps):
+                    wait_start = time.perf_counter()
+                    batch = next(feed)
+                    window.data_wait += time.perf_counter() - wait_start
+                    keys.extend(batch["key"])
+                    skipped += batch["skipped"]
+                    window.add_loss(self.train_step.micro(batch))
+                    window.grad_norm = self.train_step.step()
             self.loader_state = batch["state"]  # this batch is trained: a checkpoint may count it
             self.step += 1
             window.end_step()
@@ -218,11 +221,11 @@ class Trainer:
         progress.log(self.step, row)
 
     def evaluate(self, writer) -> dict[str, float] | None:
-        """The task's metrics over the whole validation set, exact across ranks."""
+        """The task's metrics (and the probe's) over the whole validation set, exact across ranks."""
         if self.eval_loader is None:
             return None
         metrics = evaluate(self.engine, self.task, self.eval_loader, cfg=self.cfg, device=self.device,
-                           normalize=self.normalize)
+                           normalize=self.normalize, probe=self.probe)
         writer.log(metrics, self.step)
         log.info("step %d: %s", self.step, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics

@@ -1,0 +1,263 @@
+"""The phases of ``make gpu-check``: real trainer runs under torchrun, each judged by what it wrote.
+
+- throughput: the trainer on JPEG shards next to the model alone (``benchmark.py gpu``, same
+  model, batch, dtype and compile setting, same machine, same run): images/s, their ratio,
+  the trainer's data wait and MFU;
+- sync: a ZeRO-0 run with ``PIPELINE_SYNC_DEBUG=error`` (torch refuses any host-device
+  synchronisation in a steady-state step), and one at ZeRO-2 with ``warn`` that counts the
+  synchronisations DeepSpeed's optimizer makes itself (CUDA only);
+- matrix: short runs of every precision at every ZeRO stage: exit 0, finite and falling losses;
+- resume: SIGUSR1 mid-run, the same command again; losses bitwise and ledgers equal to an
+  uninterrupted run, per ZeRO stage;
+- export: the last checkpoint exported and loaded in ``transformers``: same logits as ours.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Plan:
+    """What to run: GPU sizes, or tiny ones that exercise the same code on a CPU in a minute or two."""
+
+    images: int
+    height: int
+    width: int
+    shards: int
+    workers: int
+    throughput: list[dict]
+    matrix: dict
+    resume: dict
+    gpu: bool = True
+    goals: dict = field(default_factory=dict)
+
+
+def gpu_plan() -> Plan:
+    workers = max(1, min(14, (os.cpu_count() or 2) - 2))
+    return Plan(images=12_350, height=360, width=440, shards=25, workers=workers,
+                throughput=[dict(name="B/16 eager", size="B/16", batch=256, compile=False, steps=80, after=30),
+                            dict(name="L/16 compiled", size="L/16", batch=256, compile=True, steps=60, after=30)],
+                matrix=dict(size="S/16", batch=64, steps=20,
+                            runs=[(p, z) for p in ("fp32", "bf16", "fp16") for z in (0, 1, 2, 3)]),
+                resume=dict(size="S/16", batch=64, steps=24, stop_at=12, stages=[0, 1, 2, 3], precision="bf16"),
+                goals={"ratio": 0.92, "data_wait_b16": 0.03, "mfu_l16": 0.42})
+
+
+def tiny_plan() -> Plan:
+    return Plan(images=120, height=40, width=48, shards=4, workers=1, gpu=False,
+                throughput=[dict(name="tiny eager", size="tiny", batch=16, compile=False, steps=12, after=4)],
+                matrix=dict(size="tiny", batch=16, steps=6, runs=[("fp32", 0), ("bf16", 3)]),
+                resume=dict(size="tiny", batch=16, steps=8, stop_at=4, stages=[2], precision="bf16"))
+
+
+def env(extra: dict | None = None) -> dict:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), out.get("PYTHONPATH")]))
+    return {**out, **(extra or {})}
+
+
+class Runs:
+    """Trainer runs on the check's shards, one torchrun each, as a user starts them."""
+
+    def __init__(self, plan: Plan, shards: Path, out: Path, nproc: int):
+        self.plan, self.out, self.nproc = plan, out, nproc
+        manifest = json.loads((shards / "manifest.json").read_text())
+        self.data = [f"data.train_shards={shards}/{manifest['splits']['train']['pattern']}",
+                     f"data.val_shards={shards}/{manifest['splits']['val']['pattern']}",
+                     f"data.num_workers={plan.workers}", "model.num_labels=10"]
+
+    def overrides(self, name: str, size: str, batch: int, steps: int, *, stage: int = 2, precision: str = "bf16",
+                  compile: bool = False, log_every: int = 1, extra: tuple = ()) -> list[str]:
+        return [*self.data, f"model.size={size}", f"data.batch_size={batch}", f"train.max_steps={steps}",
+                f"train.zero_stage={stage}", f"train.precision={precision}", f"train.compile={str(compile).lower()}",
+                f"train.log_every={log_every}", "train.eval_every=0", "checkpoint.every_steps=0",
+                "checkpoint.resume=auto", "optim.warmup_steps=2", "optim.lr=2e-3", "train.progress_bar=false",
+                f"train.output_dir={self.out / name}", *extra]
+
+    def launch(self, overrides: list[str], log: Path, extra_env: dict | None = None) -> subprocess.Popen:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.nproc}",
+                   str(ROOT / "launch/pretrain.py"), "--config", str(ROOT / "configs/imagenet_vit_b16.yaml"),
+                   *overrides]
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as handle:
+            return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env(extra_env),
+                                    start_new_session=True)
+
+    def fresh(self, name: str) -> None:
+        """No output of an earlier check: every run starts from nothing (checkpoint.resume=auto)."""
+        import shutil
+
+        shutil.rmtree(self.out / name, ignore_errors=True)
+        (self.out / f"{name}.log").unlink(missing_ok=True)
+
+    def run(self, name: str, overrides: list[str], extra_env: dict | None = None, *, fresh: bool = True) -> dict:
+        if fresh:
+            self.fresh(name)
+        log = self.out / f"{name}.log"
+        start = time.perf_counter()
+        code = self.launch(overrides, log, extra_env).wait()
+        return {"name": name, "rc": code, "wall_s": round(time.perf_counter() - start, 1), "log": str(log),
+                "rows": train_rows(self.out / name)}
+
+
+def train_rows(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [row for row in map(json.loads, path.read_text().splitlines()) if "loss" in row]
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def model_only(plan: Plan, spec: dict, out: Path) -> dict:
+    """``benchmark.py gpu`` on the same model, batch and compile setting, bf16 weights as the trainer's."""
+    path = out / f"model-{spec['name'].replace('/', '').replace(' ', '-')}.json"
+    command = [sys.executable, str(ROOT / "launch/benchmark.py"), "gpu", "--sizes", spec["size"],
+               "--checkpointing", "none", "--compile", "on" if spec["compile"] else "off",
+               "--batch-size", str(spec["batch"]), "--weights", "bf16", "--steps", "10", "--warmup", "3",
+               "--json", str(path)]
+    if not plan.gpu:
+        command += ["--device", "cpu"]
+    subprocess.run(command, check=True, cwd=ROOT, env=env(), capture_output=True, text=True)
+    row = json.loads(path.read_text())["result"]["rows"][0]
+    return {"images_per_s": row["images_per_s"], "mfu": row.get("mfu")}
+
+
+def throughput(plan: Plan, runs: Runs) -> list[dict]:
+    results = []
+    for spec in plan.throughput:
+        model = model_only(plan, spec, runs.out)
+        name = "throughput-" + spec["name"].replace("/", "").replace(" ", "-")
+        run = runs.run(name, runs.overrides(name, spec["size"], spec["batch"], spec["steps"], compile=spec["compile"],
+                                            log_every=10 if plan.gpu else 2))
+        rows = [r for r in run["rows"] if r["step"] > spec["after"]]
+        trainer = mean([r["samples_per_s"] for r in rows])
+        results.append({"name": spec["name"], "rc": run["rc"], "model_images_per_s": model["images_per_s"],
+                        "model_mfu": model["mfu"], "trainer_images_per_s": trainer,
+                        "ratio": trainer / model["images_per_s"] if trainer else None,
+                        "data_wait_fraction": mean([r["data_wait_fraction"] for r in rows]),
+                        "trainer_mfu": mean([r["mfu"] for r in rows]), "ok": run["rc"] == 0 and bool(rows)})
+    return results
+
+
+def sync(plan: Plan, runs: Runs) -> list[dict]:
+    """CUDA only: torch's sync debug mode inside steady-state steps (see train_step.steady_state)."""
+    if not plan.gpu:
+        return []
+    spec, results = plan.matrix, []
+    for stage, mode in ((0, "error"), (2, "warn")):
+        name = f"sync-zero{stage}"
+        run = runs.run(name, runs.overrides(name, spec["size"], spec["batch"], 12, stage=stage, log_every=6),
+                       extra_env={"PIPELINE_SYNC_DEBUG": mode})
+        text = Path(run["log"]).read_text(errors="replace")
+        results.append({"name": name, "mode": mode, "rc": run["rc"],
+                        "sync_warnings": text.count("called a synchronizing CUDA operation"),
+                        "ok": run["rc"] == 0})
+    return results
+
+
+def matrix(plan: Plan, runs: Runs) -> list[dict]:
+    spec, results = plan.matrix, []
+    for precision, stage in spec["runs"]:
+        name = f"matrix-{precision}-zero{stage}"
+        run = runs.run(name, runs.overrides(name, spec["size"], spec["batch"], spec["steps"], stage=stage,
+                                            precision=precision, log_every=2))
+        losses = [r["loss"] for r in run["rows"]]
+        finite = bool(losses) and all(isinstance(x, float) and math.isfinite(x) for x in losses)
+        results.append({"name": name, "rc": run["rc"], "first_loss": losses[0] if losses else None,
+                        "last_loss": losses[-1] if losses else None, "wall_s": run["wall_s"],
+                        "ok": run["rc"] == 0 and finite and losses[-1] < losses[0]})
+    if not plan.gpu:  # fp16 has no CPU kernels in DeepSpeed: the run must say so in one line, exit 2
+        run = runs.run("matrix-fp16-cpu", runs.overrides("matrix-fp16-cpu", spec["size"], spec["batch"], 2,
+                                                         precision="fp16"))
+        text = Path(run["log"]).read_text(errors="replace")
+        results.append({"name": "fp16 refused on CPU", "rc": run["rc"],
+                        "ok": run["rc"] != 0 and "train.precision=fp16 needs a CUDA GPU" in text})
+    return results
+
+
+def _workers_of(process: subprocess.Popen) -> list[int]:
+    """torchrun's children: the training processes (their data workers are grandchildren)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == process.pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _ledger(out: Path, rank: int = 0) -> list[str]:
+    path = out / "ledger" / f"rank{rank}.jsonl"
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def resume(plan: Plan, runs: Runs) -> list[dict]:
+    spec, results = plan.resume, []
+    for stage in spec["stages"]:
+        common = dict(stage=stage, precision=spec["precision"], extra=("data.ledger=true",))
+        full = runs.run(f"resume-full-zero{stage}",
+                        runs.overrides(f"resume-full-zero{stage}", spec["size"], spec["batch"], spec["steps"], **common))
+        name = f"resume-cut-zero{stage}"
+        overrides = runs.overrides(name, spec["size"], spec["batch"], spec["steps"], **common)
+        runs.fresh(name)
+        first = runs.launch(overrides, runs.out / f"{name}.log")
+        deadline = time.monotonic() + 900
+        while len(_ledger(runs.out / name)) < spec["stop_at"] and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in _workers_of(first):
+            os.kill(pid, signal.SIGUSR1)
+        first.wait()
+        status = (runs.out / name / "exit_status").read_text().strip() if (runs.out / name / "exit_status").is_file() else None
+        second = runs.run(name, overrides, fresh=False)  # the same command again: it resumes
+        expected = {r["step"]: r["loss"] for r in full["rows"]}
+        got = {r["step"]: r["loss"] for r in second["rows"]}
+        ledgers_equal = all(_ledger(runs.out / f"resume-full-zero{stage}", r) == _ledger(runs.out / name, r)
+                            for r in range(runs.nproc))
+        results.append({"name": f"ZeRO-{stage} {spec['precision']}", "stopped_status": status, "rc": second["rc"],
+                        "losses_bitwise": got == expected and len(expected) == spec["steps"],
+                        "ledgers_equal": ledgers_equal,
+                        "ok": full["rc"] == 0 and status == "75" and second["rc"] == 0 and got == expected
+                        and ledgers_equal})
+    return results
+
+
+def export(plan: Plan, runs: Runs) -> list[dict]:
+    """The last resume run, exported and loaded by transformers: the same logits as our own model."""
+    source = runs.out / f"resume-cut-zero{plan.resume['stages'][-1]}"
+    target = runs.out / "export"
+    command = [sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(source), "--out", str(target)]
+    done = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True)
+    check = subprocess.run([sys.executable, "-c", _COMPARE, str(target)], cwd=ROOT, env=env(), capture_output=True,
+                           text=True)
+    difference = float(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else None
+    return [{"name": "export -> transformers", "rc": done.returncode, "max_logit_difference": difference,
+             "error": (done.stderr or check.stderr)[-500:] if difference is None else None,
+             "ok": done.returncode == 0 and difference is not None and difference <= 1e-4}]
+
+
+_COMPARE = """
+import sys, torch
+from transformers import ViTForImageClassification
+from pipeline.model import from_pretrained
+ours, theirs = from_pretrained(sys.argv[1]).eval(), ViTForImageClassification.from_pretrained(sys.argv[1]).eval()
+c = ours.config
+x = torch.randn(2, c.num_channels, *c.image_hw, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    print(float((ours(x).logits - theirs(pixel_values=x).logits).abs().max()))
+"""

@@ -1,0 +1,27 @@
+"""`make gpu-check` in its CPU form (tiny sizes): every phase runs the real trainer and judges it,
+so the GPU machine check cannot rot between the times a GPU is at hand."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, run_env
+
+
+def test_gpu_check_runs_every_phase_on_tiny_sizes(tmp_path):
+    out = tmp_path / "check"
+    result = subprocess.run([sys.executable, str(ROOT / "launch/gpu_check.py"), "--tiny", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=ROOT, env=run_env())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    results = report["results"]
+    assert set(results) == {"throughput", "sync", "matrix", "resume", "export"}
+    (row,) = results["throughput"]
+    assert row["trainer_images_per_s"] > 0 and row["model_images_per_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+    assert [r["name"] for r in results["matrix"]] == ["matrix-fp32-zero0", "matrix-bf16-zero3", "fp16 refused on CPU"]
+    assert all(r["last_loss"] < r["first_loss"] for r in results["matrix"][:2])
+    (resumed,) = results["resume"]
+    assert resumed["stopped_status"] == "75" and resumed["losses_bitwise"] and resumed["ledgers_equal"]
+    assert results["export"][0]["max_logit_difference"] <= 1e-4
+    assert "ok   resume" in result.stdout and "FAIL" not in result.stdout
