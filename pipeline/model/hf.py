@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import DEFAULT_SIZE, MODEL_SIZES, ConfigError, ModelConfig
 from pipeline.model.heads import ViTForImageClassification
 from pipeline.model.mae import ViTMAEForPreTraining
 from pipeline.model.simmim import ViTForMaskedImageModeling
@@ -93,7 +93,8 @@ def config_from_hf(hf: dict[str, Any], *, architecture: str = "ViTForImageClassi
     if hf.get("model_type", "vit") != "vit":
         raise ConfigError(f"model_type is '{hf['model_type']}', not 'vit'; only ViT checkpoints are supported")
     values = {name: hf[name] for name in HF_FIELDS if name in hf}
-    if values.get("pooler_output_size") == values.get("hidden_size", ModelConfig.hidden_size):
+    # (ModelConfig's shape fields default to None, "from the size": B/16 when no size is named.)
+    if values.get("pooler_output_size") == values.get("hidden_size", MODEL_SIZES[DEFAULT_SIZE]["hidden_size"]):
         values["pooler_output_size"] = None  # our "same as hidden_size", so the round trip is exact
     if architecture == "ViTForMaskedImageModeling":
         values.update({name: hf[name] for name in MIM_EXTRA_FIELDS if name in hf})
