@@ -107,7 +107,8 @@ def recompute_first_loss(source: Path, out: Path, keys: list[str]) -> float:
 
     cfg = load_config(out / "config.yaml")
     model = build_model(cfg.model)
-    model.load_state_dict(load_file(export_checkpoint(source, out / "source-export") / "model.safetensors"))
+    export = export_checkpoint(source, out / "source-export", rgb_input=False)  # the 1-channel weights as trained
+    model.load_state_dict(load_file(export / "model.safetensors"))
     tag = source / "checkpoints" / f"step-{runs.STEPS}"
     rank0 = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one per rank; ZeRO 0-2: one
     state = torch.load(rank0 if rank0.exists() else tag / "mp_rank_00_model_states.pt",

@@ -46,6 +46,7 @@ class _Decoding:
     transform: object
     num_channels: int
     image_size: tuple[int, int]
+    labels: str = "required"  # DecodeSample's: "required", "optional" or "none"
 
 
 def _next(iterator: Iterator[dict]) -> dict:
@@ -113,7 +114,8 @@ class TrainStream(IterableDataset):
         shuffle_seed = mix_seed(layout.seed, epoch, self.rank, slot, "shuffle")
         replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
         reader = SliceReader(self.urls, layout.shard_offsets, segments, replayed)
-        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, seed=layout.seed, epoch=epoch)
+        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, seed=layout.seed, epoch=epoch,
+                              labels=self.decoding.labels)
         return iter(wds.DataPipeline(
             # raw samples of the slice, one item per position; consumed ones are header-only placeholders
             reader,
@@ -128,7 +130,8 @@ class TrainStream(IterableDataset):
             # exactly the slot's remaining batches, collated in the worker (uint8; normalized on the device)
             TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
-                         slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker),
+                         slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker,
+                         labels=self.decoding.labels != "none"),
         ))
 
 
@@ -159,11 +162,13 @@ class TrainLoader:
         lay = self.layout
         return {"epoch": self.epoch, "batches": self.batches, "world_size": lay.world_size,
                 "num_workers": self.num_workers, "batch_size": lay.batch_size, "num_samples": lay.num_samples,
-                "seed": lay.seed, "consumed": list(self.consumed), "bad": self.bad, "seen": self.seen}
+                "seed": lay.seed, "consumed": list(self.consumed), "bad": self.bad, "seen": self.seen,
+                "bad_shards": dict(self.bad_shards)}
 
     def set_state(self, state: dict) -> None:
         lay = self.layout
         self.bad, self.seen = int(state.get("bad", 0)), int(state.get("seen", 0))
+        self.bad_shards = {str(url): int(n) for url, n in state.get("bad_shards", {}).items()}
         epoch, batches = int(state["epoch"]), int(state["batches"])
         same = {"world_size": lay.world_size, "num_workers": self.num_workers, "batch_size": lay.batch_size,
                 "num_samples": lay.num_samples, "seed": lay.seed}
@@ -193,9 +198,9 @@ class TrainLoader:
         return self.host_batches(borrow=False)
 
     def host_batches(self, *, borrow: bool) -> Iterator[dict]:
-        """Host batches: ``image`` uint8 (B, C, H, W), ``label`` int64, ``key``, ``epoch``, ``index``,
-        ``skipped``, and ``state``: this loader's state once the batch is trained (what a checkpoint
-        saves; the batches handed out ahead of training are not in it).
+        """Host batches: ``image`` uint8 (B, C, H, W), ``label`` int64 (unless built without labels),
+        ``key``, ``epoch``, ``index``, ``skipped``, and ``state``: this loader's state once the batch
+        is trained (what a checkpoint saves; the batches handed out ahead of training are not in it).
 
         With ``borrow``, ``image`` may be a view of a shared-memory slot that its worker refills:
         copy it, then call ``batch["release"]()`` (DeviceFeed does).
@@ -223,7 +228,8 @@ class TrainLoader:
                 expected += 1
                 self._account(batch, slot, consumed)
                 batch["state"] = self.state_dict()
-                batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+                if "label" in batch:
+                    batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
                 worker, ring_slot = batch.pop("worker"), batch.pop("ring_slot", None)
                 if ring_slot is not None:
                     self.reused_buffer_batches += 1
@@ -279,7 +285,7 @@ class EvalStream(IterableDataset):
         slot = info.id if info is not None else 0
         lay, where = self.layout, f"rank {self.rank} eval slot {slot}"
         segments = lay.slot_segments(self.rank, slot)
-        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels)
+        decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, labels=self.decoding.labels)
         return iter(wds.DataPipeline(
             # raw samples of this slot's contiguous piece, in shard order
             SliceReader(self.urls, self.offsets, segments),
@@ -289,7 +295,8 @@ class EvalStream(IterableDataset):
             wds.map(decode, handler=SkipBad(where)),
             # the slot's batches, padded after the last sample (batch["valid"] marks real ones)
             EvalBatches(lay.batch_size, lay.slot_batches(slot), total=sum(len(s) for s in segments),
-                        first_index=slot, stride=lay.num_slots, image_shape=self.image_shape),
+                        first_index=slot, stride=lay.num_slots, image_shape=self.image_shape,
+                        labels=self.decoding.labels != "none"),
         ))
 
 
@@ -315,7 +322,8 @@ class EvalLoader:
             if batch["index"] != expected:
                 raise RuntimeError(f"eval loader order broke: got batch {batch['index']}, expected {expected}")
             self.skipped += batch["skipped"]
-            batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
+            if "label" in batch:
+                batch["label"] = torch.tensor(batch["label"], dtype=torch.long)
             batch["valid"] = torch.tensor(batch["valid"], dtype=torch.bool)
             yield batch
 
@@ -327,9 +335,23 @@ def _image_hw(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(height), int(width)
 
 
+def label_mode(sample_keys: tuple[str, ...], *, evaluation: bool = False) -> str:
+    """What ``DecodeSample`` does with ``.cls`` for a task that needs ``sample_keys`` (Task.sample_keys):
+    a task that needs labels gets them (a sample without one is bad data); one that needs none
+    (masked-image pretraining) trains on shards with or without labels, and its evaluation reads
+    the labels that are there, for the k-NN probe (pipeline/probe.py)."""
+    unknown = sorted(set(sample_keys) - {"cls"})
+    if unknown:
+        raise ValueError(f"the loader can provide the sample key 'cls' only, not {unknown}")
+    if "cls" in sample_keys:
+        return "required"
+    return "optional" if evaluation else "none"
+
+
 def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, seed: int,
-                       rank: int, world_size: int) -> TrainLoader:
-    """The training loader of ``rank``; shard problems are DataErrors raised here, before training."""
+                       rank: int, world_size: int, sample_keys: tuple[str, ...] = ("cls",)) -> TrainLoader:
+    """The training loader of ``rank``; shard problems are DataErrors raised here, before training.
+    ``sample_keys``: what the task reads besides the image (``("cls",)``: labels; ``()``: none)."""
     check_channels(num_channels)
     shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
     layout = TrainLayout(tuple(s.num_samples for s in shards), cfg.batch_size, world_size,
@@ -340,26 +362,39 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
     hw = _image_hw(image_size)
     decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
                                          hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
-                         num_channels, hw)
+                         num_channels, hw, label_mode(sample_keys))
     if rank == 0:
         log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "
                  "epoch", layout.num_samples, len(shards), layout.steps_per_epoch, cfg.batch_size, world_size,
                  layout.remainder)
     stream = TrainStream(shards, layout, rank, decoding, cfg.shuffle_buffer)
-    return TrainLoader(stream, num_workers=cfg.num_workers,
-                       max_bad_fraction=cfg.max_bad_fraction)
+    return TrainLoader(stream, num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
 
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, rank: int,
-                      world_size: int) -> EvalLoader | None:
-    """The evaluation loader of ``rank``, or None when ``data.val_shards`` is not set."""
-    if not cfg.val_shards:
+                      world_size: int, sample_keys: tuple[str, ...] = ("cls",), split: str = "val",
+                      max_samples: int | None = None) -> EvalLoader | None:
+    """The evaluation loader of ``rank`` over ``data.val_shards``, or None when they are not set.
+
+    ``split="train"`` reads ``data.train_shards`` instead (once, in shard order, eval transform,
+    no shuffle): the k-NN probe's bank. ``max_samples`` keeps only the first samples, in shard order.
+    """
+    spec = cfg.val_shards if split == "val" else cfg.train_shards
+    if not spec:
         return None
     check_channels(num_channels)
-    shards = resolve_shards(cfg.val_shards, cfg.manifest, what="data.val_shards")
+    shards = resolve_shards(spec, cfg.manifest, what=f"data.{split}_shards")
+    if max_samples is not None:  # the first max_samples: whole shards, then part of one (read by range)
+        kept, left = [], max_samples
+        for shard in shards:
+            if left > 0:
+                kept.append(Shard(shard.url, min(shard.num_samples, left)))
+            left -= shard.num_samples
+        shards = kept
     batch_size = cfg.eval_batch_size or cfg.batch_size
     layout = EvalLayout(tuple(s.num_samples for s in shards), batch_size, world_size, max(1, cfg.num_workers))
     hw = _image_hw(image_size)
-    decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), num_channels, hw)
+    decoding = _Decoding(eval_transform(hw, crop_pct=cfg.crop_pct), num_channels, hw,
+                         label_mode(sample_keys, evaluation=True))
     stream = EvalStream(shards, layout, rank, decoding)
     return EvalLoader(stream, num_workers=cfg.num_workers)
