@@ -102,8 +102,12 @@ forward_if_ready() {
 
 # run_step CMD...: start the job step (an srun) in the background and wait for it, checking
 # every second for a signal to forward (a trapped signal also ends the `sleep` at once).
+# srun runs in a process group of its own (setsid): `scancel --full` (and a cancellation)
+# signals the batch shell's process group, and srun answers SIGTERM by SIGKILLing every task
+# of its step at once (Slurm's srun: "forcing job termination"), so no trainer could save.
+# The trainers get the signal from the step itself, or from this shell's USR1.
 run_step() {
-    "$@" &
+    setsid "$@" &
     STEP_PID=$!
     STEP_START=$SECONDS
     while kill -0 "$STEP_PID" 2>/dev/null; do
@@ -124,6 +128,10 @@ finish() {
     if ((rc == 0)); then
         log "training finished"
         exit 0
+    fi
+    if ((rc == 130)); then
+        log "trainer saved a checkpoint and stopped for a Ctrl-C (exit 130): not requeueing"
+        exit "$rc"
     fi
     if ((rc != PREEMPT_EXIT_CODE)); then
         log "training failed with exit code $rc: not requeueing"

@@ -10,7 +10,9 @@ Signal timing edge cases, which need a trainer that starts in a second, are in t
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import shutil
 import sys
 import time
@@ -237,3 +239,56 @@ def test_scancel_checkpoints_and_is_not_requeued(slurm_cluster, digits_shards, t
     stopped = stop_step(out, "SIGTERM|SIGUSR1")  # both come: SIGTERM from Slurm, USR1 from the batch shell
     assert_checkpoints(run_dir, [stopped])
     assert [r["step"] for r in ledger(run_dir, 0)] == list(range(1, stopped + 1))
+
+
+@pytest.mark.timeout(300)
+def test_scancel_full_term_checkpoints_requeues_and_no_trainer_outlives_its_step(slurm_cluster, digits_shards,
+                                                                                tmp_path):
+    """`scancel --full --signal=TERM` signals every process of the batch step, srun included, and
+    srun answers a TERM by SIGKILLing its tasks ("forcing job termination"): the trainers used to
+    die unsaved, or (in their own sessions, under torchrun) train on outside Slurm. srun now runs in
+    a process group of its own, and the TERM reaches the trainers through the batch shell:
+    checkpoint, 75, requeue. Then TERM to the requeued job's srun itself: every trainer ends with
+    its step (the parent-death signal from its torchrun), none is left running."""
+    run_dir = tmp_path / "run"
+    # No metrics lines: a trainer that writes to its closed output pipe dies of SIGPIPE anyway; a
+    # quiet one (the usual log_every) lived on, and kept its slurmstepd waiting for its output.
+    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, 1000, "train.log_every=1000"),
+                               env=job_env(RUN_DIR=str(run_dir)),
+                               sbatch_args=("--nodes=2", f"--output={tmp_path}/slurm-%j.out"))
+    try:
+        watch = Watch(slurm_cluster, job, run_dir)
+        watch.until_steps(2, timeout=150)
+        slurm_cluster.run("scancel", "--full", "--signal=TERM", str(job))
+        info = slurm_cluster.wait_job(job, lambda j: j.get("Restarts") == "1", timeout=120, what="requeue")
+        out = slurm_cluster.output(info, tail=1_000_000)
+        assert "got SIGTERM" in out and "exited 75: requeueing" in out and "forcing job termination" not in out, out
+        stopped = stop_step(out, "SIGTERM|SIGUSR1")
+        assert_checkpoints(run_dir, [stopped])
+        assert (run_dir / "exit_status").read_text().strip() == "75"
+        watch.until_steps(stopped + 2, timeout=150)  # the requeued job resumed and trains
+        assert len(slurm_cluster.processes(job, "launch/pretrain.py")) == 2
+        # What --full did before, and still does where proctrack/cgroup puts srun in the signalled
+        # set: TERM to srun, which SIGKILLs the step's tasks (torchrun_node) but not the trainers,
+        # which torchrun starts in sessions of their own.
+        os.kill(srun_pid(slurm_cluster, job), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while left := slurm_cluster.processes(job, "launch/pretrain.py"):
+            assert time.monotonic() < deadline, f"{len(left)} trainers outlived their job step"
+            time.sleep(0.2)
+    finally:
+        slurm_cluster.run("scancel", str(job), check=False)
+
+
+def srun_pid(cluster: SlurmCluster, job: int) -> int:
+    """The pid of the srun that the job's batch shell started (it runs on this machine)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if entry.name.isdigit() and Path(argv[0].decode()).name == "srun":
+                env = (entry / "environ").read_bytes().split(b"\0")
+                if f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_CONF={cluster.env['SLURM_CONF']}".encode() in env:
+                    return int(entry.name)
+        except (OSError, IndexError):
+            continue
+    raise AssertionError(f"no srun of job {job}")
