@@ -3,10 +3,12 @@
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source /data/imagenet/train --out /data/shards --workers 8 --verify
 
-SRC is a folder with one subfolder per class (ImageNet's layout) or the word ``digits``
-(scikit-learn's 1,797 handwritten digits, shipped with the package). Files that cannot be read
-(dangling symlinks, I/O errors) and, with --verify, images the loader could not decode are left
-out and listed by source path. Exit code 2: a usage error.
+SRC is a folder with one subfolder per class (ImageNet's layout), a folder of images without class
+subfolders (unlabeled: no ``.cls``, for mae/simmim pretraining), or the word ``digits``
+(scikit-learn's 1,797 handwritten digits, shipped with the package). ``--unlabeled`` writes no
+labels even where SRC has classes. Files that cannot be read (dangling symlinks, I/O errors)
+and, with --verify, images the loader could not decode are left out and listed by source path.
+Exit code 2: a usage error.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def report_dropped(dropped: list[dict], shown: int = 50) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make_shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", required=True, help="image folder (<class>/<image>) or 'digits'")
+    parser.add_argument("--source", required=True,
+                        help="image folder (<class>/<image>, or images without class folders) or 'digits'")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each class for val")
@@ -57,13 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--verify", action="store_true",
                         help="decode every image as training will and leave out (and list) those that fail")
+    parser.add_argument("--unlabeled", action="store_true",
+                        help="write no labels (.cls), e.g. for mae/simmim pretraining; the manifest names no classes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     progress = None if args.quiet else Progress()
     try:
         manifest = write_shards(args.source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
                                 workers=args.workers, seed=args.seed, overwrite=args.overwrite, verify=args.verify,
-                                progress=progress)
+                                unlabeled=args.unlabeled, progress=progress)
     except ShardsError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2

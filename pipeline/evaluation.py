@@ -2,6 +2,8 @@
 
 Every rank runs the same number of batches (padding marked ``valid=False``), so the one
 all-reduce at the end meets on every rank, and the figures count every sample exactly once.
+A representation probe (``pipeline/probe.py``), when given, reads its validation features in
+the same pass and adds its figures to the task's.
 """
 from __future__ import annotations
 
@@ -14,19 +16,28 @@ from pipeline.config import Config
 from pipeline.data import EvalLoader
 from pipeline.data.device_feed import DeviceFeed, Normalize
 from pipeline.distributed.precision import autocast_context, engine_dtype
+from pipeline.probe import KnnProbe
 from pipeline.tasks import Task
 
 
 @torch.no_grad()
 def evaluate(engine: Any, task: Task, loader: EvalLoader, *, cfg: Config, device: torch.device,
-             normalize: Normalize) -> dict[str, float]:
+             normalize: Normalize, probe: KnnProbe | None = None) -> dict[str, float]:
     engine.eval()
     try:
+        task.start_eval(device)
+        if probe is not None:
+            probe.begin()
         sums = torch.zeros(len(task.eval_names), dtype=torch.float64, device=device)
         for batch in DeviceFeed(iter(loader), device=device, dtype=engine_dtype(cfg.train), normalize=normalize):
             with autocast_context(cfg.train, device):
                 sums += task.eval_sums(engine, batch)
+                if probe is not None:
+                    probe.collect(engine, batch)
         dist.all_reduce(sums)
-        return task.eval_metrics(dict(zip(task.eval_names, sums.tolist())))
+        metrics = task.eval_metrics(dict(zip(task.eval_names, sums.tolist())))
+        if probe is not None:
+            metrics.update(probe.finish(engine))
+        return metrics
     finally:
         engine.train()

@@ -8,9 +8,10 @@ allowed. Standard library and PyYAML only: everything else imports this package,
 from .errors import ConfigError
 from .loading import SECTIONS, apply_overrides, config_from_dict, dump_config, load_config, parse_override
 from .model import DEFAULT_SIZE, HIDDEN_ACTS, MODEL_SIZES, ModelConfig
-from .sections import (AUGMENTS, PRECISIONS, CheckpointConfig, Config, DataConfig, OptimConfig,
-                       TrainConfig)
+from .sections import (AUGMENTS, OBJECTIVES, PRECISIONS, PROBE_FEATURES, CheckpointConfig, Config, DataConfig,
+                       OptimConfig, ProbeConfig, TrainConfig)
 
-__all__ = ["AUGMENTS", "DEFAULT_SIZE", "HIDDEN_ACTS", "MODEL_SIZES", "PRECISIONS", "SECTIONS", "CheckpointConfig",
-           "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "apply_overrides",
+__all__ = ["AUGMENTS", "DEFAULT_SIZE", "HIDDEN_ACTS", "MODEL_SIZES", "OBJECTIVES", "PRECISIONS", "PROBE_FEATURES",
+           "SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
+           "ProbeConfig", "TrainConfig", "apply_overrides",
            "config_from_dict", "dump_config", "load_config", "parse_override"]

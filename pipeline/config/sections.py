@@ -14,6 +14,10 @@ from .model import ModelConfig
 # "shift" resize + random shift, "none" resize only.
 AUGMENTS = ("rrc", "shift", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# Training objectives (pipeline/tasks): supervised classification, or masked-image pretraining.
+OBJECTIVES = ("classification", "mae", "simmim")
+# Features a k-NN probe compares: the final CLS token, or the mean of the patch tokens.
+PROBE_FEATURES = ("cls", "mean")
 
 
 @dataclass
@@ -89,6 +93,10 @@ class TrainConfig:
     """The step loop."""
 
     output_dir: str = "runs/default"
+    objective: str = "classification"  # "classification", "mae" or "simmim" (pipeline/tasks)
+    # A pretrained encoder to start from (fine-tuning): a run directory or checkpoints/step-N of any
+    # objective, or an HF directory. Only the encoder's weights are loaded; heads start fresh.
+    init_from: str | None = None
     max_steps: int = 1000
     seed: int = 0
     zero_stage: int = 2
@@ -116,6 +124,10 @@ class TrainConfig:
         require(self.max_nonfinite_steps >= 0,
                 f"train.max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         require(bool(self.output_dir), "train.output_dir is empty; give a directory for the run")
+        require(self.objective in OBJECTIVES,
+                f"train.objective '{self.objective}' is unknown; use one of {', '.join(OBJECTIVES)}")
+        require(self.init_from is None or bool(self.init_from),
+                "train.init_from is empty; give a checkpoint or HF directory, or leave it unset (null)")
 
 
 @dataclass
@@ -134,14 +146,39 @@ class CheckpointConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The representation probe of masked-image pretraining (mae, simmim): at each evaluation, when
+    the shards carry labels, k-NN top-1 of validation features against a bank of training features."""
+
+    knn: bool = True
+    k: int = 20
+    # Each of the k nearest neighbours (cosine similarity s) votes for its class with exp(s / T),
+    # DINO's weighted vote; the class with the largest sum wins.
+    temperature: float = 0.07
+    features: str = "cls"  # "cls": the final CLS token; "mean": the mean of the patch tokens
+    # The bank: the first bank_size samples of data.train_shards in shard order, eval transform.
+    bank_size: int = 10000
+
+    def __post_init__(self) -> None:
+        require(self.k > 0, f"probe.k must be positive, got {self.k}")
+        require(self.temperature > 0, f"probe.temperature must be positive, got {self.temperature}")
+        require(self.features in PROBE_FEATURES,
+                f"probe.features '{self.features}' is unknown; use one of {', '.join(PROBE_FEATURES)}")
+        require(self.bank_size > 0, f"probe.bank_size must be positive, got {self.bank_size}")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # native DeepSpeed keys, passed through
 
+    def __post_init__(self) -> None:
+        self.model.check_objective(self.train.objective)  # what one objective needs of the model
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -1,8 +1,10 @@
 """Writing webdataset shards from an image folder or scikit-learn's digits, plus ``manifest.json``.
 
 Each sample is ``<key>.<ext>`` (the source image bytes, untouched for JPEG/PNG/...),
-``<key>.cls`` (the class index as text) and ``<key>.json`` (label, class name, source). Samples
-are split per class into train/val with a seeded generator, shuffled across classes (a shard
+``<key>.cls`` (the class index as text) and ``<key>.json`` (label, class name, source). Unlabeled
+data (a folder of images without class subfolders, or ``unlabeled=True``: for masked-image
+pretraining) has no ``.cls`` and no class in its ``.json``, and its manifest names no classes
+(``"labeled": false``). Samples are split per class into train/val with a seeded generator, shuffled across classes (a shard
 then holds every class, which the loader's shard-level shuffle relies on) and cut into shards
 of ``shard_size``. Several processes write whole shards in parallel; each shard appears under
 its final name only once complete, and the manifest (shard names, sample counts, class names)
@@ -30,6 +32,7 @@ from .sources import MANIFEST
 from .transforms import IMAGE_EXTENSIONS
 
 DIGITS = "digits"
+UNLABELED = -1  # Item.label of an image without a class
 
 
 class ShardsError(ValueError):
@@ -66,25 +69,42 @@ def digits_items() -> tuple[list[str], list[Item]]:
     return [str(d) for d in range(10)], items
 
 
-def folder_items(root: Path) -> tuple[list[str], list[Item]]:
-    """ImageNet's layout: ``root/<class>/**/<image>``; classes sorted by name."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise ShardsError(f"source '{root}' has no class subfolders; expected <source>/<class>/<image>")
+def _images_under(folder: Path, label: int) -> tuple[list[Item], int]:
+    """Every image under ``folder`` (any depth, sorted by path) and the number of other files."""
     items, ignored = [], 0
-    for label, name in enumerate(classes):
-        found = 0
-        for dirpath, dirnames, filenames in os.walk(root / name):
-            dirnames.sort()
-            for filename in sorted(filenames):
-                ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
-                if ext not in IMAGE_EXTENSIONS:
-                    ignored += 1
-                    continue
-                items.append(Item("", label, ext, os.path.join(dirpath, filename)))
-                found += 1
-        if not found:
-            raise ShardsError(f"class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+            if ext not in IMAGE_EXTENSIONS:
+                ignored += 1
+                continue
+            items.append(Item("", label, ext, os.path.join(dirpath, filename)))
+    return items, ignored
+
+
+def folder_items(root: Path, *, labeled: bool = True) -> tuple[list[str], list[Item]]:
+    """ImageNet's layout, ``root/<class>/**/<image>`` (classes sorted by name). Without labels (no
+    ``.cls``): every image under ``root`` at any depth, when ``labeled`` is false or when ``root``
+    itself holds images or no subfolders (a class layout has only class folders at its top)."""
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    classes = sorted(p.name for p in entries if p.is_dir())
+    top_images = any(p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS for p in entries)
+    if not labeled or not classes or top_images:
+        items, ignored = _images_under(root, UNLABELED)
+        if not items:
+            raise ShardsError(f"source '{root}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); expected "
+                              "<source>/<class>/<image>, or images anywhere under it for unlabeled data")
+        print(f"make_shards: {len(items)} images without labels (no .cls)", file=sys.stderr)
+        classes = []
+    else:
+        items, ignored = [], 0
+        for label, name in enumerate(classes):
+            found, other = _images_under(root / name, label)
+            if not found:
+                raise ShardsError(f"class folder '{root / name}' holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            items.extend(found)
+            ignored += other
     if ignored:
         print(f"make_shards: ignored {ignored} files that are not images", file=sys.stderr)
     return classes, items
@@ -154,9 +174,13 @@ def write_shard(job: ShardJob, out_dir: str, classes: list[str], verify: bool = 
             if reason is not None:
                 dropped.append({"source": item.source, "reason": reason})
                 continue
-            meta = {"label": item.label, "class": classes[item.label], "source": item.source}
-            writer.write({"__key__": item.key, item.ext: data, "cls": str(item.label).encode(),
-                          "json": json.dumps(meta).encode()})
+            sample = {"__key__": item.key, item.ext: data}
+            if item.label == UNLABELED:
+                meta = {"source": item.source}
+            else:
+                meta = {"label": item.label, "class": classes[item.label], "source": item.source}
+                sample["cls"] = str(item.label).encode()
+            writer.write({**sample, "json": json.dumps(meta).encode()})
             written += 1
     os.replace(tmp, final)
     return job.name, written, dropped
@@ -164,8 +188,10 @@ def write_shard(job: ShardJob, out_dir: str, classes: list[str], verify: bool = 
 
 def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fraction: float = 0.1,
                  workers: int = 1, seed: int = 0, overwrite: bool = False, verify: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 unlabeled: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
     """Write train/val shards of ``source`` (a folder or ``digits``) into ``out``; return the manifest.
+
+    ``unlabeled`` writes no labels (no ``.cls``) even where the source has classes.
 
     ``verify`` decodes every image as the loader will and leaves out those it cannot use. The
     manifest's ``dropped`` lists what was left out, by source path, with the reason.
@@ -180,11 +206,13 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
     out = Path(out)
     if source == DIGITS:
         classes, items = digits_items()
+        if unlabeled:
+            classes, items = [], [Item(i.key, UNLABELED, i.ext, i.source, i.pixels) for i in items]
     else:
         root = Path(source)
         if not root.is_dir():
             raise ShardsError(f"source '{source}' is not a directory (or the word '{DIGITS}')")
-        classes, items = folder_items(root)
+        classes, items = folder_items(root, labeled=not unlabeled)
     if (out / MANIFEST).exists() and not overwrite:
         raise ShardsError(f"'{out}' already holds a dataset ({MANIFEST}); pass --overwrite or another --out")
     try:
@@ -223,6 +251,7 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
         "val_fraction": val_fraction,
         "shard_size": shard_size,
         "classes": classes,
+        "labeled": bool(classes),  # false: no sample has a .cls (masked-image pretraining only)
         "splits": {},
         "shards": [{"name": job.name, "split": job.split, "num_samples": counts[job.name]} for job in jobs],
         "dropped": [entry for job in jobs for entry in dropped[job.name]],  # in shard order

@@ -150,6 +150,9 @@ class ViTMAEEmbeddings(nn.Module):
         positions = self.position_embeddings
         if interpolate_pos_encoding:
             positions = self.interpolate_pos_encoding(embeddings, height, width)
+        # The table is a buffer, which DeepSpeed leaves in fp32 when it casts the weights to bf16/fp16:
+        # it follows the weights' dtype here (HF's is a frozen parameter, cast with the weights).
+        positions = positions.to(embeddings.dtype)
         embeddings = embeddings + positions[:, 1:]
         mask = ids_restore = None
         if masking:
@@ -227,7 +230,7 @@ class ViTMAEDecoder(nn.Module):
         unshuffled = torch.gather(shuffled, 1, ids_restore.to(x.device).unsqueeze(-1).expand(-1, -1, width))
         x = torch.cat((x[:, :1], unshuffled), dim=1)  # (batch, 1 + patches, width), image order
         positions = self.interpolate_pos_encoding(x.shape[1]) if interpolate_pos_encoding else self.decoder_pos_embed
-        x = x + positions
+        x = x + positions.to(x.dtype)  # a buffer: fp32 under DeepSpeed's bf16 (see ViTMAEEmbeddings)
         recompute = self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.decoder_layers):
             if recompute and i in self.checkpoint_layer_ids:

@@ -9,7 +9,8 @@ and know nothing of labels or pixels-as-targets. A task owns:
   into metrics -- ``eval_sums`` / ``eval_metrics``;
 - the sample keys it needs from the shards besides the image -- ``sample_keys``;
 - the model fields a checkpoint must match to be resumed -- ``shape_fields``;
-- the analytic FLOPs of a training step, the numerator of MFU -- ``flops``.
+- the analytic FLOPs of a training step, the numerator of MFU -- ``flops``;
+- optionally, the encoder features a representation probe compares -- ``features``.
 
 Batches reach a task on the device: ``batch["image"]`` normalized and in the engine's dtype,
 plus the tensors its ``sample_keys`` became (``"label"`` for ``cls``), and ``batch["valid"]``
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor, nn
 
 from pipeline.config import ModelConfig
@@ -34,6 +36,7 @@ class Task(ABC):
     sample_keys: tuple[str, ...] = ()
     shape_fields: tuple[str, ...] = ENCODER_SHAPE_FIELDS
     eval_names: tuple[str, ...] = ()
+    has_features = False  # ``features`` gives the probe's encoder features
 
     @abstractmethod
     def build_model(self, model_cfg: ModelConfig) -> nn.Module:
@@ -54,3 +57,12 @@ class Task(ABC):
     @abstractmethod
     def flops(self, model_cfg: ModelConfig, batch_size: int) -> float:
         """Analytic FLOPs of a training step (forward and backward) on ``batch_size`` images."""
+
+    def start_eval(self, device: torch.device) -> None:
+        """Called before each evaluation pass (a task that draws random masks reseeds its own
+        evaluation generator here: the same masks at every evaluation, training's RNG untouched)."""
+
+    def features(self, model: nn.Module, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(CLS token, mean of the patch tokens), each (batch, hidden), of the encoder on the whole
+        image: what the k-NN probe compares (pipeline/probe.py). None: this task has no probe."""
+        return None
