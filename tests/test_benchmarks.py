@@ -71,12 +71,12 @@ def test_step_suite_overhead(tmp_path):
 
 ZERO3_LINEAR_CHECK = """
 import torch, torch.nn.functional as F
-from launch.benchmarks import steps
+from launch.benchmarks import training_steps
 torch_linear = F.linear
-steps.single_process_group()
-cfg = steps.train_config("tiny", batch_size=2, precision="fp32", zero_stage=3)
-images, labels = steps.synthetic_batch(cfg)
-step, _ = steps.engine_step(cfg, steps.build_seeded_model(cfg), images, labels)
+training_steps.single_process_group()
+cfg = training_steps.train_config("tiny", batch_size=2, precision="fp32", zero_stage=3)
+images, labels = training_steps.synthetic_batch(cfg)
+step, _ = training_steps.engine_step(cfg, training_steps.build_seeded_model(cfg), images, labels)
 seen = []
 step(lambda: seen.append(F.linear))
 print("outside", F.linear is torch_linear, "inside", seen[0] is not torch_linear, seen[0].__name__)

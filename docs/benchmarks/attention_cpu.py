@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python docs/benchmarks/attention_cpu.py  (batch 8, 197 tokens, head_dim 64, 12 layers'
 worth per round, the three taking turns, median of 10 rounds after 2; all cores). The evidence for the
-CPU bf16 attention finding in docs/PERFORMANCE.md; not a suite of launch/benchmark.py.
+explicit attention path in bf16 on CPU (docs/DECISIONS.md, Attention); not a suite of launch/benchmark.py.
 """
 import statistics, sys, time, torch
 import torch.nn.functional as F

@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from pipeline.benchmarks import steps
+from launch.benchmarks import training_steps
 
 
 def summed_gradient(stage: int, accum: int, accum_dtype: str | None) -> torch.Tensor:
@@ -23,10 +23,10 @@ def summed_gradient(stage: int, accum: int, accum_dtype: str | None) -> torch.Te
     extra = [f"train.grad_accum_steps={accum}", "optim.grad_clip=0"]
     if accum_dtype:
         extra.append(f"deepspeed.data_types={{grad_accum_dtype: {accum_dtype}}}")
-    cfg = steps.train_config("Ti/16", batch_size=4, precision="bf16", zero_stage=stage, extra=extra)
-    model = steps.build_seeded_model(cfg)
-    _, parts = steps.engine_step(cfg, model, *steps.synthetic_batch(cfg), world_size=1)
-    engine, inner = parts.engine, parts.engine.optimizer.optimizer
+    cfg = training_steps.train_config("Ti/16", batch_size=4, precision="bf16", zero_stage=stage, extra=extra)
+    model = training_steps.build_seeded_model(cfg)
+    _, engine = training_steps.engine_step(cfg, model, *training_steps.synthetic_batch(cfg), world_size=1)
+    inner = engine.optimizer.optimizer
     captured, inner_step = [], inner.step
 
     def capture(*args, **kwargs):
@@ -45,8 +45,8 @@ def summed_gradient(stage: int, accum: int, accum_dtype: str | None) -> torch.Te
 
 
 if __name__ == "__main__":
-    steps.quiet_deepspeed()
-    steps.single_process_group()
+    training_steps.quiet_deepspeed()
+    training_steps.single_process_group()
     stage, accum = int(sys.argv[1]), int(sys.argv[2])
     bf16_sum, fp32_sum = summed_gradient(stage, accum, None), summed_gradient(stage, accum, "fp32")
     print(f"ZeRO-{stage}, {accum} micro-batches, {fp32_sum.numel()} gradients: relative L2 difference "

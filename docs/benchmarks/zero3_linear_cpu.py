@@ -1,16 +1,16 @@
 """A plain AdamW step before and after a ZeRO-3 engine exists in the same process, and with torch's
 F.linear put back: DeepSpeed's ZeRO-3 replaces torch.nn.functional.linear process-wide.
 
-Run: DS_ACCELERATOR=cpu .venv/bin/python docs/benchmarks/zero3_linear_cpu.py  (ViT-S/16, batch 8,
-fp32, one process, 2 threads; median of 5 after one warm-up). The evidence for the step-suite fix
-in docs/PERFORMANCE.md; not a suite of launch/benchmark.py.
+Run: DS_ACCELERATOR=cpu PYTHONPATH=. .venv/bin/python docs/benchmarks/zero3_linear_cpu.py  (ViT-S/16, batch 8,
+fp32, one process, 2 threads; median of 5 after one warm-up). The evidence for giving each contender
+of the step suite its own F.linear (docs/DECISIONS.md, Benchmarks); not a suite of launch/benchmark.py.
 """
 import statistics
 import time
 
 import torch
 
-from pipeline.benchmarks import steps
+from launch.benchmarks import training_steps
 from pipeline.heap import keep_heap
 
 
@@ -26,19 +26,16 @@ def median_s(fn, repeats=5):
 
 keep_heap()
 torch.set_num_threads(2)
-steps.single_process_group()
-base = steps.train_config("S/16", batch_size=8, precision="fp32")
-images, labels = steps.synthetic_batch(base)
-plain = steps.plain_step(base, steps.build_seeded_model(base), images, labels)
+training_steps.single_process_group()
+base = training_steps.train_config("S/16", batch_size=8, precision="fp32")
+images, labels = training_steps.synthetic_batch(base)
+plain = training_steps.plain_step(base, training_steps.build_seeded_model(base), images, labels)
 torch_linear = torch.nn.functional.linear
 print("plain, no ZeRO-3 engine yet:", median_s(plain))
 from pipeline.distributed.engine import build_engine  # noqa: E402
-from pipeline.optim import build_optimizer, build_scheduler  # noqa: E402
 
-cfg = steps.train_config("S/16", batch_size=8, precision="fp32", zero_stage=3)
-build_engine(steps.build_seeded_model(cfg), cfg, world_size=1,
-             optimizer_factory=lambda m: build_optimizer(m, cfg.optim),
-             scheduler_factory=lambda o: build_scheduler(o, cfg.optim, cfg.train.max_steps))
+cfg = training_steps.train_config("S/16", batch_size=8, precision="fp32", zero_stage=3)
+build_engine(training_steps.build_seeded_model(cfg), cfg, world_size=1)
 print("F.linear replaced:", torch.nn.functional.linear is not torch_linear, torch.nn.functional.linear.__name__)
 print("plain, beside a ZeRO-3 engine:", median_s(plain))
 torch.nn.functional.linear = torch_linear

@@ -128,16 +128,16 @@ def mib(n: float) -> float:
 def checkpointing_worker(opts: dict) -> dict:
     import torch
 
-    from launch.benchmarks import steps
+    from launch.benchmarks import training_steps
     from pipeline.optim import build_optimizer
     from pipeline.tasks import build_task
 
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    cfg = steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=opts["precision"],
-                             image_size=opts["image_size"], activation_checkpointing=opts["setting"])
-    images, labels = steps.synthetic_batch(cfg)
-    model = steps.build_seeded_model(cfg).train()
+    cfg = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=opts["precision"],
+                                      image_size=opts["image_size"], activation_checkpointing=opts["setting"])
+    images, labels = training_steps.synthetic_batch(cfg)
+    model = training_steps.build_seeded_model(cfg).train()
     optimizer = build_optimizer(model, cfg.optim)
 
     task, batch = build_task(cfg), {"image": images, "label": labels}
@@ -211,22 +211,22 @@ def predicted_state_bytes(params: int, stage: int, ranks: int, precision: str = 
 def zero_worker(opts: dict) -> dict:
     import torch
 
-    from launch.benchmarks import steps
+    from launch.benchmarks import training_steps
     from pipeline.distributed.engine import destroy_process_group, init_process_group
     from pipeline.distributed.env import resolve_env
 
-    steps.quiet_deepspeed()
+    training_steps.quiet_deepspeed()
     env = resolve_env()
     init_process_group(env, timeout_s=300)
     try:
         before = rss_bytes()
-        cfg = steps.train_config(opts["zero_size"], batch_size=opts["zero_batch_size"],
-                                 precision=opts["zero_precision"], image_size=opts["image_size"],
-                                 zero_stage=opts["stage"], extra=opts["zero_overrides"])
-        images, labels = steps.synthetic_batch(cfg, seed=env.rank)
-        model = steps.build_seeded_model(cfg)
+        cfg = training_steps.train_config(opts["zero_size"], batch_size=opts["zero_batch_size"],
+                                          precision=opts["zero_precision"], image_size=opts["image_size"],
+                                          zero_stage=opts["stage"], extra=opts["zero_overrides"])
+        images, labels = training_steps.synthetic_batch(cfg, seed=env.rank)
+        model = training_steps.build_seeded_model(cfg)
         params = sum(p.numel() for p in model.parameters())
-        step, engine = steps.engine_step(cfg, model, images, labels, world_size=env.world_size)
+        step, engine = training_steps.engine_step(cfg, model, images, labels, world_size=env.world_size)
         times, counted = [], {}
 
         def count() -> None:  # after backward, before the optimizer step: every kind of state exists

@@ -5,7 +5,7 @@ step / the step's median time. Denominator: the best of ``mm_repeats`` square ``
 ``mm_size`` in the same precision (bf16 tensors for bf16), measured in the same run before and
 after the steps (the higher is the ceiling). Timed side by side:
 
-- ``ours_fwd_bwd``: our model, forward + backward only (what the peers' figures in FACTS.md time);
+- ``ours_fwd_bwd``: our model, forward + backward only (what the ``model`` suite times for every peer);
 - ``ours_train_step``: the full plain step (+ loss, clipping, AdamW, LR schedule);
 - ``ours_compiled_fwd_bwd``: the same with every encoder layer torch.compile'd (``train.compile``);
   its compilation happens in the warm-up rounds;
@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from launch.benchmarks import peers, steps
+from launch.benchmarks import peers, training_steps
 from launch.benchmarks.common import interleaved, option, set_threads, summarize
 from pipeline.metrics import measure_matmul_flops as matmul_flops
 from launch.benchmarks.model import train_step_fn
@@ -52,18 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_precision(opts: dict, precision: str) -> dict:
-    cfg = steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
-                             image_size=opts["image_size"])
-    images, labels = steps.synthetic_batch(cfg)
-    model = steps.build_seeded_model(cfg)
+    cfg = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
+                                      image_size=opts["image_size"])
+    images, labels = training_steps.synthetic_batch(cfg)
+    model = training_steps.build_seeded_model(cfg)
+    plain = training_steps.plain_step(cfg, training_steps.build_seeded_model(cfg), images, labels)
     contenders = {"ours_fwd_bwd": train_step_fn(model, lambda x: model(x).logits, images, precision),
-                  "ours_train_step": steps.plain_step(cfg, steps.build_seeded_model(cfg), images, labels)}
+                  "ours_train_step": plain}
     if opts["compile"]:  # train.compile=true: every encoder layer compiled (the first call compiles)
-        compiled = steps.build_seeded_model(cfg)
+        compiled = training_steps.build_seeded_model(cfg)
         compile_layers(compiled)
         contenders["ours_compiled_fwd_bwd"] = train_step_fn(compiled, lambda x: compiled(x).logits, images, precision)
     if precision == "bf16":  # as DeepSpeed's bf16 mode (ZeRO 1-3) holds the model: no casts per step
-        held = steps.build_seeded_model(cfg).to(torch.bfloat16)
+        held = training_steps.build_seeded_model(cfg).to(torch.bfloat16)
         pixels = images.to(torch.bfloat16)
         contenders["ours_bf16_weights_fwd_bwd"] = train_step_fn(held, lambda x: held(x).logits, pixels, "fp32")
     if opts["peer"]:

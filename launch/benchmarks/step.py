@@ -13,12 +13,12 @@ import argparse
 
 import torch
 
-from launch.benchmarks import steps
+from launch.benchmarks import training_steps
 from launch.benchmarks.common import interleaved, option, set_threads, summarize
 from pipeline.heap import keep_heap
 
-# 21 rounds: with 5-7, one setting's median overhead moved by up to 12 points between runs on a
-# 2-core VM (bf16 ZeRO-1: +7.5% to +19.4%, docs/PERFORMANCE.md); a run takes ~4.5 min there.
+# 21 rounds: with 7, medians on a 2-core VM did not resolve the 10% line (docs/DECISIONS.md,
+# Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None)
 
@@ -35,14 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_precision(opts: dict, precision: str) -> dict:
-    base = steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
-                              image_size=opts["image_size"])
-    images, labels = steps.synthetic_batch(base)
-    contenders = {"plain_adamw": steps.plain_step(base, steps.build_seeded_model(base), images, labels)}
+    base = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
+                                       image_size=opts["image_size"])
+    images, labels = training_steps.synthetic_batch(base)
+    plain = training_steps.plain_step(base, training_steps.build_seeded_model(base), images, labels)
+    contenders = {"plain_adamw": plain}
     for stage in opts["stages"]:
-        cfg = steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
-                                 image_size=opts["image_size"], zero_stage=stage)
-        step, _ = steps.engine_step(cfg, steps.build_seeded_model(cfg), images, labels)
+        cfg = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
+                                          image_size=opts["image_size"], zero_stage=stage)
+        step, _ = training_steps.engine_step(cfg, training_steps.build_seeded_model(cfg), images, labels)
         contenders[f"zero{stage}"] = step
     # The first losses agree when the steps compute the same thing (a check, not a timing).
     first_loss = {name: round(fn(), 4) for name, fn in contenders.items()}
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     threads = set_threads(opts["threads"])
     keep_heap()  # as the trainer does on CPU (pipeline/heap.py): both contenders get it
-    created = steps.single_process_group()
+    created = training_steps.single_process_group()
     result = {"settings": {**opts, "threads": threads}, "precisions": {}, "rows": []}
     try:
         stats_by_precision = {p: run_precision(opts, p) for p in opts["precisions"]}

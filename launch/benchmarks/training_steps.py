@@ -108,8 +108,8 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
     torch_linear = F.linear
     engine = build_engine(model, cfg, world_size=world_size)
     # A ZeRO-3 engine replaces torch.nn.functional.linear for the whole process (DeepSpeed's
-    # memory_efficient_linear): a plain step built beside it ran 9% slower with it (1.27 -> 1.39 s,
-    # ViT-S/16 fp32). Each contender gets its own: the engine's inside its step, torch's elsewhere.
+    # memory_efficient_linear), which slows every other contender (docs/DECISIONS.md, Benchmarks):
+    # each contender gets its own, the engine's inside its step and torch's elsewhere.
     engine_linear = F.linear
     F.linear = torch_linear
     engine.train()
