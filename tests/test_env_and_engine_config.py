@@ -2,7 +2,8 @@
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.distributed.engine import build_deepspeed_config, check_precision
+from pipeline.distributed.engine import build_deepspeed_config
+from pipeline.distributed.precision import check_precision
 from pipeline.distributed.env import DistributedEnvError, resolve_env
 
 import torch
