@@ -5,8 +5,7 @@ same large tensors (DeepSpeed's flat gradient buffers, activations, a DataLoader
 images and batches) gets fresh pages from the kernel, which zeroes them and takes a page fault
 per 4 KB. glibc's defaults cause this: blocks above the mmap threshold get their own mappings,
 and a freed heap top above the trim threshold goes back to the kernel. Raising both keeps the
-memory for reuse. Measured (docs/PERFORMANCE.md): a DeepSpeed ZeRO-2 fp32 step of ViT-S/16 on
-CPU, +30% -> +8% over a plain AdamW step; a worker's tar read + shuffle, 0.10 -> 0.065 ms per image.
+memory for reuse (what it saves: docs/DECISIONS.md, Memory on the CPU).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every rank exits 0 after a successful run, ZeRO-3 on CPU included, run after run.
 
-DeepSpeed on CPU was seen (FACTS.md) to abort about 1 run in 10 at teardown with
-"terminate called without an active exception". The teardown lives in one place
+DeepSpeed on CPU was seen to abort about 1 run in 10 at teardown with "terminate called without
+an active exception" (docs/DECISIONS.md, Process group and teardown). The teardown lives in one place
 (pipeline.distributed.engine.destroy_process_group); this repeats short 2-rank jobs and counts.
 """
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A DataLoader worker normally collates each batch into a *fresh* shared-memory block and sends
 its file descriptor; the main process maps it, reads it once and drops it. Every page of that
-block is a new tmpfs page: measured 37 page faults and 0.21 ms of kernel time per 224 px image
-in the worker, a fifth of what decoding the image costs (docs/PERFORMANCE.md, data).
+block is a new tmpfs page that the worker faults in, at about a fifth of the cost of decoding
+the image (docs/DECISIONS.md, Data workers).
 
 Here the main process allocates, before the workers start, ``depth`` batch buffers per worker
 in shared memory (passed by handle to the workers, which the fork server starts). A worker

@@ -14,8 +14,8 @@ One item per position keeps the shuffle downstream a function of positions only,
 never shifts the stream of the other samples and a resume replays it exactly.
 
 Headers of plain POSIX ustar members (what webdataset's writer and GNU tar produce for short
-names) are read with a few slices (``_UstarWalker``) instead of ``tarfile``'s full parse: the
-latter cost 0.06 ms per sample in a worker, 5% of decoding it (docs/PERFORMANCE.md, data).
+names) are read with a few slices (``_UstarWalker``) instead of ``tarfile``'s full parse, about
+5% of a worker's time (docs/DECISIONS.md, Data workers).
 Anything else (pax or GNU long-name headers, base-256 sizes, compressed or piped tars) is left
 to ``tarfile``, which takes over at that header.
 """

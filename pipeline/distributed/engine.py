@@ -92,9 +92,8 @@ def merge_deepspeed_config(derived: dict, user: dict, prefix: str = "") -> dict:
 
 
 # ZeRO-3's reduce bucket, a default users may override. DeepSpeed's is 5e8 elements, a buffer as
-# large as a ViT-B's weights: ZeRO-3 held 62.6% of ZeRO-0's state per rank on 2 ranks (bf16, B/16).
-# 40 MB of gradients (2e7 elements in bf16/fp16, 1e7 in fp32) is still one large reduce-scatter
-# and gives 52.9% (bf16) and 52.8% (fp32) at the same step time (docs/PERFORMANCE.md, memory).
+# large as a ViT-B's weights; 40 MB of gradients (2e7 elements in bf16/fp16, 1e7 in fp32) is still
+# one large reduce-scatter (docs/DECISIONS.md, ZeRO-3 memory).
 ZERO3_REDUCE_BUCKET_BYTES = 40_000_000
 
 
@@ -170,7 +169,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int) -> Any
         engine = _initialize(model, cfg, ds_config)
     if cfg.train.zero_stage == 0 and engine.dp_world_size == 1:
         # One data-parallel rank: DeepSpeed would flatten every gradient, all-reduce it with itself
-        # and copy it back (29 ms of a 0.46 s ViT-S/16 bf16 step on CPU) for the same gradients.
+        # and copy it back, for the same gradients (docs/DECISIONS.md, Step overhead).
         # ZeRO 1-3 need their reduce: it moves the gradients into the optimizer's partitions.
         engine.enable_backward_allreduce = False
     log.info("DeepSpeed engine: ZeRO-%d, precision %s%s, micro-batch %d, grad accumulation %d, world size %d",

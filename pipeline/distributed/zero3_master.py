@@ -9,7 +9,7 @@ that branch when the buffer's dtype and device equal the master's. Its device te
 never equals a string (``torch.zeros(1).device == "cpu"`` is False), so the branch is never
 taken: measured on CPU, and on CUDA by reading the code (the name is "cuda:N"). Every fp32
 ZeRO-3 rank then holds a second copy of its weights, 4 bytes per parameter over the ranks
-(ViT-B/16 on 2 ranks: 165 MiB of 901 per rank, docs/PERFORMANCE.md).
+(ViT-B/16 on 2 ranks: 165 MiB of 901 per rank, docs/DECISIONS.md, ZeRO-3 memory).
 
 ``shared_fp32_master`` makes that one comparison between devices while the partitions are
 created; everything after, including the copy back (onto itself) and checkpoints, is

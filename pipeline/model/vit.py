@@ -22,8 +22,6 @@ from pipeline.model.activations import get_activation
 from pipeline.model.outputs import ViTModelOutput
 
 
-# --- outputs --------------------------------------------------------------------------------
-
 # --- embeddings -----------------------------------------------------------------------------
 
 class PatchEmbeddings(nn.Module):
@@ -143,9 +141,8 @@ class ViTSelfAttention(nn.Module):
             # Explicit path, needed to return the maps or to scale them per head. Scaling the
             # queries (tokens x head_dim) costs less than scaling the scores (tokens x tokens).
             scores = torch.matmul(query * self.scaling, key.transpose(-1, -2))  # (batch, heads, tokens, tokens)
-            # Softmax with fp32 arithmetic, for stability, as HF does. For bf16, torch's kernels
-            # compute in fp32 inside and round once at the end, as HF's fp32 softmax + cast does,
-            # without materialising fp32 maps: fwd+bwd 2.7 -> 1.1 ms per ViT-S/16 layer at batch 8.
+            # Softmax in fp32 arithmetic, as HF does; for bf16 torch's kernel computes in fp32 inside
+            # and rounds once, without fp32 maps (docs/DECISIONS.md, Attention).
             if scores.dtype == torch.bfloat16:
                 probs = F.softmax(scores, dim=-1)
             else:
@@ -160,9 +157,8 @@ class ViTSelfAttention(nn.Module):
 
 
 def _sdpa_is_faster(query: Tensor) -> bool:
-    """SDPA everywhere except bf16/fp16 on CPU, where torch's CPU flash kernel is the slow one:
-    measured here (2 threads, fwd+bwd) 49 ms vs 14 ms explicit for the tiny demo model and
-    746 ms vs 560 ms for ViT-S/16 at batch 8. Same numbers either way, within rounding."""
+    """SDPA everywhere except bf16/fp16 on CPU, where torch's CPU flash kernel is slower than the
+    explicit path (docs/DECISIONS.md, Attention). Same numbers either way, within rounding."""
     return query.device.type != "cpu" or query.dtype == torch.float32
 
 
