@@ -1,4 +1,5 @@
-"""Task heads on top of ViTModel. For now: image classification from the CLS token (HF's layout)."""
+"""The classification head on ViTModel: logits from the CLS token (HF's layout). The pretraining
+heads are in mae.py and simmim.py."""
 from __future__ import annotations
 
 import dataclasses
