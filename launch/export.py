@@ -5,7 +5,12 @@ The result (`config.json` with the dataset's class names, `model.safetensors` in
 `transformers.pipeline("image-classification", model=DIR)`, with
 `transformers.ViTForImageClassification.from_pretrained(DIR)` and with `pipeline.model.from_pretrained`.
 A model trained on one channel is exported taking RGB (see pipeline/export_meta.py) unless
-`--one-channel`. Exit code 2: a mistake in what to export or where.
+`--one-channel`. A checkpoint of `train.objective=mae` or `simmim` exports as the model it trained,
+for `transformers.ViTMAEForPreTraining` or `transformers.ViTForMaskedImageModeling`; with
+`--encoder-only`, any checkpoint's encoder alone, for fine-tuning: a `transformers.ViTModel` (no
+pooler: load it with `add_pooling_layer=False`), or with `--num-labels N` a
+`transformers.ViTForImageClassification` whose classifier is new. Exit code 2: a mistake in what to
+export or where.
 """
 from __future__ import annotations
 
@@ -26,13 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write config.json and model.safetensors")
     parser.add_argument("--one-channel", action="store_true",
                         help="keep a 1-channel model's single input channel (HF's image pipeline then cannot feed it)")
+    parser.add_argument("--encoder-only", action="store_true",
+                        help="write the encoder alone (a ViTModel), e.g. of an mae/simmim run, for fine-tuning")
+    parser.add_argument("--num-labels", type=int, default=None,
+                        help="with --encoder-only: a ViTForImageClassification with a new head of this many classes")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.export import export_checkpoint
 
     try:
-        out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel)
+        out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel,
+                                encoder_only=args.encoder_only, num_labels=args.num_labels)
     except (*USER_ERRORS, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

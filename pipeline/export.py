@@ -8,9 +8,15 @@ the tests hold them to DeepSpeed's result, bit for bit.
 What HF's tools need beside the weights comes from the run (``export_meta.py``): the class
 names of the shards' manifest and an image processor that repeats the evaluation transform, so
 that ``transformers.pipeline("image-classification", model=DIR)`` classifies as the run did.
+
+A checkpoint exports as the model its objective trained (the marker's ``task``):
+ViTForImageClassification, ViTMAEForPreTraining (mae) or ViTForMaskedImageModeling (simmim).
+``encoder_only`` writes the encoder alone, for fine-tuning: a ViTModel (no pooler), or with
+``num_labels`` a ViTForImageClassification whose classifier is new (seeded, random).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -21,10 +27,23 @@ import torch
 
 from pipeline.checkpoint import CheckpointError, complete_checkpoints, read_marker, step_of
 from pipeline.config import ModelConfig
-from pipeline.export_meta import check_out_dir, export_model, run_config
-from pipeline.model import build_model
+from pipeline.export_meta import ExportError, check_out_dir, export_model, run_config
+from pipeline.model import ViTForImageClassification, ViTModel
+from pipeline.model.hf import ARCHITECTURES
 
 log = logging.getLogger(__name__)
+
+# The model each objective (a checkpoint marker's "task") trains, by HF's class name.
+TASK_ARCHITECTURES = {"classification": "ViTForImageClassification", "mae": "ViTMAEForPreTraining",
+                      "simmim": "ViTForMaskedImageModeling"}
+# Inside ``vit.`` but not the encoder's: SimMIM's mask token (its pretraining head) and HF's pooler.
+NOT_ENCODER = ("vit.embeddings.mask_token", "vit.pooler.")
+
+
+def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder's entries of a full model's state dict (names kept, ``vit.`` included): the same
+    names whatever the objective, so one objective's encoder loads into another's model."""
+    return {k: v for k, v in state.items() if k.startswith("vit.") and not k.startswith(NOT_ENCODER)}
 
 # The non-tensor objects DeepSpeed (and our LR schedule) pickle into checkpoints. Export needs
 # none of their behaviour, so they unpickle as inert records instead of the real classes.
@@ -159,19 +178,60 @@ def _merge_zero3(param_shapes: list[dict], flat_groups: list[list[torch.Tensor]]
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input: bool = True) -> Path:
-    """Write ``config.json``, ``model.safetensors`` (fp32) and ``preprocessor_config.json`` for
-    ``checkpoint`` into ``out_dir``; ``rgb_input``: see ``export_meta.export_model``."""
-    tag_dir = find_checkpoint(checkpoint)
-    out_dir = check_out_dir(out_dir)
+def trained_model(tag_dir: Path) -> torch.nn.Module:
+    """The model a checkpoint's objective trained, with its consolidated fp32 weights, in eval mode."""
     marker = read_marker(tag_dir)
     model_cfg = ModelConfig(**{**marker["model"], "activation_checkpointing": "none"})
-    model = build_model(model_cfg)
+    task = marker.get("task", "classification")
+    if task not in TASK_ARCHITECTURES:
+        raise CheckpointError(f"checkpoint '{tag_dir}' was trained with objective '{task}', which this exporter does "
+                              f"not know ({', '.join(TASK_ARCHITECTURES)})")
+    model = ARCHITECTURES[TASK_ARCHITECTURES[task]](model_cfg)
     state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{tag_dir}' does not match its recorded model config: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    export_model(model, out_dir, run=run_config(tag_dir), rgb_input=rgb_input)
-    log.info("exported %s (step %s, ZeRO-%s) to %s", tag_dir, marker["step"], marker["zero_stage"], out_dir)
+    return model.eval()
+
+
+def encoder_model(model: torch.nn.Module, num_labels: int | None) -> torch.nn.Module:
+    """``model``'s encoder as a ViTModel without pooler, or a ViTForImageClassification with a new
+    ``num_labels`` classifier (initialised from a fixed seed: the same export every time)."""
+    encoder = encoder_keys(model.state_dict())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if num_labels is None:
+            target = ViTModel(model.config, add_pooling_layer=False)
+            encoder = {k[len("vit."):]: v for k, v in encoder.items()}
+        else:
+            target = ViTForImageClassification(dataclasses.replace(model.config, num_labels=num_labels))
+    missing, unexpected = target.load_state_dict(encoder, strict=False)
+    if unexpected or any(not k.startswith("classifier.") for k in missing):
+        raise CheckpointError(f"the encoder does not fit a ViT of its own config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return target.eval()
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input: bool = True,
+                      encoder_only: bool = False, num_labels: int | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` (fp32) and ``preprocessor_config.json`` for
+    ``checkpoint`` into ``out_dir``: the objective's model, or with ``encoder_only`` its encoder
+    (``num_labels``: as a classifier with a new head). ``rgb_input`` (classifiers only): see
+    ``export_meta.export_model``."""
+    if num_labels is not None and (not encoder_only or num_labels < 1):
+        raise ExportError(f"--num-labels {num_labels}: give a positive count, with --encoder-only (a new "
+                          "classifier on the encoder); a classification checkpoint keeps its own classifier")
+    tag_dir = find_checkpoint(checkpoint)
+    out_dir = check_out_dir(out_dir)
+    marker = read_marker(tag_dir)
+    model = trained_model(tag_dir)
+    if encoder_only:
+        model = encoder_model(model, num_labels)
+    # The RGB conversion is the classifier's (HF's image pipeline feeds it); a pretraining model
+    # predicts pixels of its own channels, and a bare encoder keeps what it was trained on.
+    export_model(model, out_dir, run=run_config(tag_dir),
+                 rgb_input=rgb_input and isinstance(model, ViTForImageClassification))
+    log.info("exported %s (%s, step %s, ZeRO-%s) as %s to %s", tag_dir, marker.get("task", "classification"),
+             marker["step"], marker["zero_stage"], type(model).__name__, out_dir)
     return out_dir

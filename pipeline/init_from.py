@@ -20,21 +20,11 @@ from torch import Tensor, nn
 
 from pipeline.checkpoint import CheckpointError, ResumePlan, read_marker
 from pipeline.config import ConfigError
-from pipeline.export import consolidated_state_dict, find_checkpoint
+from pipeline.export import consolidated_state_dict, encoder_keys, find_checkpoint
 from pipeline.model.hf import CONFIG_NAME, from_pretrained
 from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
-
-ENCODER_PREFIX = "vit."
-# Inside ``vit.`` but not the encoder's: SimMIM's mask token (its pretraining head) and HF's pooler.
-NOT_ENCODER = ("vit.embeddings.mask_token", "vit.pooler.")
-
-
-def encoder_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The encoder's entries of a full model's state dict (names kept, ``vit.`` included)."""
-    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX) and not k.startswith(NOT_ENCODER)}
-
 
 def _hf_architecture(directory: Path) -> str:
     """The class of ours that reads an HF directory: MAE and SimMIM as themselves; a ViTModel or a

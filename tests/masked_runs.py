@@ -1,0 +1,109 @@
+"""Real 2-rank torchrun runs of mae and simmim, made once per session and shared by the tests of
+test_train_masked.py: start-up (15-30 s on 2 cores) is most of a run's cost, so each run serves
+several tests, and four runs cover the four ZeRO stages (each objective at two of them):
+
+- mae at ZeRO-0 and ZeRO-3, simmim at ZeRO-1 and ZeRO-2, all bf16, 16 steps, through
+  tests/guarded_pretrain.py;
+- mae at ZeRO-3 and simmim at ZeRO-2 are also the uninterrupted twins of a run stopped by
+  SIGUSR1 and resumed; simmim at ZeRO-1 trains on unlabeled shards (no .cls at all); simmim at
+  ZeRO-2 starts from the encoder of the mae ZeRO-3 run (train.init_from).
+
+The other four pairs (mae at ZeRO 1-2, simmim at ZeRO 0 and 3) pass too: add them to STAGE_RUNS
+to run them (about 25 s each here).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from checkpoint_runs import Launch, ledger_steps, wait_until
+from conftest import ROOT, TINY, run_env, shard_overrides
+
+GUARDED = Path(__file__).with_name("guarded_pretrain.py")
+PRETRAIN = ROOT / "launch" / "pretrain.py"
+STEPS, EVERY, EVAL_EVERY = 16, 4, 8
+# A small decoder, SimMIM's stride and blocks for 16x16 images of 4x4 patches, a bank of 600 samples.
+MASKED = [*TINY, "model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
+          "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64", "model.encoder_stride=4",
+          "model.mask_patch_size=8", "train.precision=bf16", f"train.max_steps={STEPS}",
+          f"checkpoint.every_steps={EVERY}", f"train.eval_every={EVAL_EVERY}", "data.ledger=true",
+          "probe.bank_size=600"]
+STAGE_RUNS = [("mae", 0), ("mae", 3), ("simmim", 1), ("simmim", 2)]
+TWIN_STAGE = {"mae": 3, "simmim": 2}  # the run that is also a resume pair's uninterrupted twin
+UNLABELED = ("simmim", 1)
+INIT_FROM = {("simmim", 2): ("mae", 3)}  # run -> the run whose encoder it starts from
+
+_CACHE: dict[object, object] = {}
+
+
+def unlabeled_shards(base: Path) -> Path:
+    """The digits without their labels (make_shards --unlabeled), written once per session."""
+    if "unlabeled" not in _CACHE:
+        from pipeline.data.shards import write_shards
+
+        out = base / "digits-unlabeled"
+        write_shards("digits", out, shard_size=200, val_fraction=0.1, unlabeled=True)
+        _CACHE["unlabeled"] = out
+    return _CACHE["unlabeled"]
+
+
+def overrides(base: Path, shards: Path, objective: str, stage: int) -> list[str]:
+    data = unlabeled_shards(base) if (objective, stage) == UNLABELED else shards
+    extra = []
+    if (objective, stage) in INIT_FROM:
+        extra.append(f"train.init_from={stage_run(base, shards, *INIT_FROM[objective, stage]).out}")
+    return [*MASKED, *shard_overrides(data), f"train.objective={objective}", f"train.zero_stage={stage}", *extra]
+
+
+def launch(script: Path, out: Path, args: list[str]) -> Launch:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--config", str(ROOT / "configs/digits_tiny.yaml"), *args, f"train.output_dir={out}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.parent / f"{out.name}.{time.time_ns()}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=run_env(),
+                                   start_new_session=True)
+    return Launch(out=out, process=process, log_path=log_path)
+
+
+def stage_run(base: Path, shards: Path, objective: str, stage: int) -> Launch:
+    """The finished guarded run of ``objective`` at ZeRO ``stage`` (the test asserts its exit code)."""
+    key = ("stage", objective, stage)
+    if key not in _CACHE:
+        args = overrides(base, shards, objective, stage)
+        job = launch(GUARDED, base / f"{objective}-zero{stage}", args)
+        job.wait(timeout=300)
+        _CACHE[key] = job
+    return _CACHE[key]
+
+
+@dataclass
+class Pair:
+    full: Launch
+    first: Launch  # stopped by SIGUSR1
+    second: Launch  # the same command again: resumes
+    stopped_at: int
+
+
+def preempted_pair(base: Path, shards: Path, objective: str) -> Pair:
+    """The twin, then the same configuration stopped by SIGUSR1 after its first steps and resumed."""
+    key = ("pair", objective)
+    if key not in _CACHE:
+        stage = TWIN_STAGE[objective]
+        full = stage_run(base, shards, objective, stage)
+        args, out = overrides(base, shards, objective, stage), base / f"{objective}-zero{stage}-preempted"
+        first = launch(PRETRAIN, out, args)
+        wait_until(lambda: ledger_steps(out, 0) >= 1 and ledger_steps(out, 1) >= 1, first, "step 1")
+        for pid in first.worker_pids():
+            os.kill(pid, signal.SIGUSR1)
+        first.wait()
+        stopped_at = ledger_steps(out, 0)
+        second = launch(PRETRAIN, out, args)
+        second.wait(timeout=300)
+        _CACHE[key] = Pair(full=full, first=first, second=second, stopped_at=stopped_at)
+    return _CACHE[key]
