@@ -253,7 +253,8 @@ def test_scancel_full_term_checkpoints_requeues_and_no_trainer_outlives_its_step
     run_dir = tmp_path / "run"
     # No metrics lines: a trainer that writes to its closed output pipe dies of SIGPIPE anyway; a
     # quiet one (the usual log_every) lived on, and kept its slurmstepd waiting for its output.
-    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, 1000, "train.log_every=1000"),
+    args = train_args(digits_shards, 1000, "train.log_every=1000")
+    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *args,
                                env=job_env(RUN_DIR=str(run_dir)),
                                sbatch_args=("--nodes=2", f"--output={tmp_path}/slurm-%j.out"))
     try:
@@ -287,7 +288,8 @@ def srun_pid(cluster: SlurmCluster, job: int) -> int:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             if entry.name.isdigit() and Path(argv[0].decode()).name == "srun":
                 env = (entry / "environ").read_bytes().split(b"\0")
-                if f"SLURM_JOB_ID={job}".encode() in env and f"SLURM_CONF={cluster.env['SLURM_CONF']}".encode() in env:
+                conf = f"SLURM_CONF={cluster.env['SLURM_CONF']}".encode()
+                if f"SLURM_JOB_ID={job}".encode() in env and conf in env:
                     return int(entry.name)
         except (OSError, IndexError):
             continue
