@@ -25,6 +25,7 @@ from pipeline.config import Config, ModelConfig
 from pipeline.data.sources import Shard, resolve_shards
 from pipeline.distributed.env import DistributedEnv
 from pipeline.storage import check_writable
+from pipeline.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +44,27 @@ def preflight(cfg: Config, env: DistributedEnv) -> Preflight:
     """Refuse (UserError, exit 2) whatever of the user's input cannot work; warn on low space."""
     output_dir = Path(cfg.train.output_dir)
     check_writable(output_dir)
+    task = build_task(cfg)
     resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir, overwrite=cfg.checkpoint.overwrite)
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
-                                  world_size=env.world_size, zero_stage=cfg.train.zero_stage)
+                                  world_size=env.world_size, zero_stage=cfg.train.zero_stage,
+                                  shape_fields=task.shape_fields)
     train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards")
     val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards") if cfg.data.val_shards \
         else None
-    size = checkpoint_bytes(count_parameters(cfg.model), zero_stage=cfg.train.zero_stage,
+    size = checkpoint_bytes(count_parameters(task, cfg.model), zero_stage=cfg.train.zero_stage,
                             precision=cfg.train.precision)
     if env.is_main:
         warn_if_low_space(output_dir, size)
     return Preflight(resume=plan, train_shards=train, val_shards=val, checkpoint_bytes=size)
 
 
-def count_parameters(model_cfg: ModelConfig) -> int:
-    """The model's parameter count, from the model built on the meta device (no memory, no time)."""
+def count_parameters(task: Task, model_cfg: ModelConfig) -> int:
+    """The task's model's parameter count, built on the meta device (no memory, no time)."""
     import torch
 
-    from pipeline.model import build_model
-
     with torch.device("meta"):
-        model = build_model(model_cfg)
+        model = task.build_model(model_cfg)
     return sum(p.numel() for p in model.parameters())
 
 
