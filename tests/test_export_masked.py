@@ -4,7 +4,6 @@ encoder's features on all tokens, and with --num-labels a classifier to fine-tun
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,11 +12,12 @@ import torch
 import transformers
 
 import masked_runs as runs
-from conftest import ROOT, run_env
+from conftest import ROOT
 from pipeline.export import trained_model
 from pipeline.model import mae_noise, simmim_mask
 
-EXPORT = ROOT / "launch" / "export.py"
+sys.path.insert(0, str(ROOT / "launch"))
+import export as export_cli  # noqa: E402  (launch/export.py, run in this process: no second start-up)
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +25,8 @@ def base(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "masked-runs"
 
 
-def export(run: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXPORT), "--checkpoint", str(run), "--out", str(out), *flags],
-                          capture_output=True, text=True, timeout=180, env=run_env())
+def export(run: Path, out: Path, *flags: str) -> int:
+    return export_cli.main(["--checkpoint", str(run), "--out", str(out), *flags])
 
 
 def images() -> torch.Tensor:
@@ -40,14 +39,14 @@ def test_mae_exports_as_vitmae_and_its_encoder_alone(base, digits_shards, tmp_pa
     x = images()
     noise = mae_noise(3, ours.config.num_patches, generator=torch.Generator().manual_seed(1))
 
-    assert export(run, tmp_path / "full").returncode == 0
+    assert export(run, tmp_path / "full") == 0
     hf = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "full").eval()
     with torch.no_grad():
         expected, got = ours(x, noise=noise), hf(pixel_values=x, noise=noise)
     torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-5)
 
-    assert export(run, tmp_path / "encoder", "--encoder-only").returncode == 0
+    assert export(run, tmp_path / "encoder", "--encoder-only") == 0
     assert json.loads((tmp_path / "encoder" / "config.json").read_text())["architectures"] == ["ViTModel"]
     encoder = transformers.ViTModel.from_pretrained(tmp_path / "encoder", add_pooling_layer=False).eval()
     with torch.no_grad():
@@ -62,15 +61,14 @@ def test_simmim_exports_for_masked_image_modeling_and_as_a_classifier(base, digi
     cfg = ours.config
     masked = simmim_mask(3, image_size=cfg.image_hw, patch_size=cfg.patch_hw, mask_patch_size=cfg.mask_patch_size,
                          mask_ratio=cfg.simmim_mask_ratio, generator=torch.Generator().manual_seed(1))
-    assert export(run, tmp_path / "full").returncode == 0
+    assert export(run, tmp_path / "full") == 0
     hf = transformers.ViTForMaskedImageModeling.from_pretrained(tmp_path / "full").eval()
     with torch.no_grad():
         expected, got = ours(x, bool_masked_pos=masked), hf(pixel_values=x, bool_masked_pos=masked)
     torch.testing.assert_close(got.reconstruction, expected.reconstruction, rtol=0, atol=1e-5)
     torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=1e-5)
 
-    result = export(run, tmp_path / "classifier", "--encoder-only", "--num-labels", "10")
-    assert result.returncode == 0, result.stderr
+    assert export(run, tmp_path / "classifier", "--encoder-only", "--num-labels", "10") == 0
     classifier = transformers.ViTForImageClassification.from_pretrained(tmp_path / "classifier").eval()
     assert classifier.config.num_channels == 3  # taking RGB, as HF's image pipeline feeds it
     assert classifier.config.id2label[3] == "3"  # the digits' class names, from the manifest
@@ -81,10 +79,9 @@ def test_simmim_exports_for_masked_image_modeling_and_as_a_classifier(base, digi
     assert state["classifier.weight"].shape == (10, cfg.hidden_size)
 
 
-def test_num_labels_needs_encoder_only(base, digits_shards, tmp_path):
+def test_num_labels_needs_encoder_only(base, digits_shards, tmp_path, capsys):
     run = runs.stage_run(base, digits_shards, "mae", 3).out
-    result = export(run, tmp_path / "x", "--num-labels", "10")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    assert export(run, tmp_path / "x", "--num-labels", "10") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: --num-labels 10: give a positive count, with --encoder-only (a new classifier on the encoder); "
         "a classification checkpoint keeps its own classifier")

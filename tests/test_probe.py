@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +134,17 @@ def test_two_ranks_give_the_one_process_figure(tmp_path, k):
     assert len(queries) == 6 and len(bank) == 9  # the unlabeled one is left out; the bank is capped
     predicted = knn_predict(queries, bank, bank_labels, k=k, temperature=0.07, num_classes=3)
     assert results[0]["val_knn_top1"] == pytest.approx((predicted == labels).float().mean().item())
+
+
+def test_the_plot_draws_the_reconstruction_loss_and_the_knn_curve():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    import plot
+
+    rows = [{"step": s, "loss": 0.6 - s / 100, "samples_per_s": 300.0} for s in range(1, 9)]
+    rows += [{"step": 4, "val_loss": 0.5, "val_samples": 179, "val_knn_top1": 0.41},
+             {"step": 8, "val_loss": 0.4, "val_samples": 179, "val_knn_top1": 0.55}]
+    figure = plot.draw(rows)
+    loss, accuracy, _ = figure.axes
+    assert [line.get_label() for line in loss.lines] == ["train loss", "val loss"]
+    (knn,) = accuracy.lines  # no top-1/top-5 in a pretraining run
+    assert knn.get_label() == "k-NN top-1" and list(knn.get_ydata()) == [0.41, 0.55]
