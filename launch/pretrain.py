@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
             stop_flag.exit_status_path = status_path
-        init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
+        with stop_flag.ending_the_wait("waiting for the other ranks"):
+            init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
         code = train(cfg, env, stop_flag)
         if code == EXIT_PREEMPTED:  # the trainer's "stopped after saving": 130 when it was Ctrl-C
             code = stop_flag.exit_code

@@ -17,7 +17,10 @@ once, even inside a C call that would delay a Python handler; rank 0 writes 130 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import select
 import signal
 import threading
 from pathlib import Path
@@ -73,6 +76,47 @@ class StopFlag:
                 rewrite_small_file(self.exit_status_path, f"{EXIT_INTERRUPTED}\n")
             except OSError:  # no run directory yet, or a full disk: the final write will say it
                 pass
+
+    @contextlib.contextmanager
+    def ending_the_wait(self, what: str):
+        """Around a wait that nothing can interrupt (joining the process group: a C++ call, in
+        which the Python handler would only run once the wait timed out, 30 minutes by default):
+        a stop signal ends the process at once with ``exit_code``. Nothing is trained yet, so
+        nothing is lost. The kernel-level wakeup fd sees the signal while the main thread waits."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                ready, _, _ = select.select([read_end], [], [], 0.2)
+                signums = os.read(read_end, 64) if ready else b""
+                stops = [n for n in signums if n in STOP_SIGNALS]
+                if stops and not done.is_set():
+                    self.signal_name = self.signal_name or signal.Signals(stops[0]).name
+                    log.warning("received %s while %s: nothing trained yet, nothing to save; exiting %d",
+                                signal.Signals(stops[0]).name, what, self.exit_code)
+                    if self.exit_status_path is not None:
+                        with contextlib.suppress(OSError):
+                            rewrite_small_file(self.exit_status_path, f"{self.exit_code}\n")
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+                    os._exit(self.exit_code)
+
+        watcher = threading.Thread(target=watch, name="stop-while-waiting", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            signal.set_wakeup_fd(previous)
+            watcher.join()
+            os.close(read_end)
+            os.close(write_end)
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():

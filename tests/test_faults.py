@@ -341,6 +341,29 @@ def test_a_mistake_found_before_the_process_group_is_the_same_on_every_rank(tmp_
     assert "connectFullMesh" not in log and "DeepSpeed engine" not in log
 
 
+def test_a_refusal_comes_before_waiting_for_the_other_ranks(tmp_path, digits_shards):
+    """Rank 0 of a world of 2 whose rank 1 never comes: the bad resume path is refused at once,
+    not after waiting for rank 1 in the process group (where the refusal used to be a race)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**run_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PIPELINE_DIST_TIMEOUT_S": "300"}
+    missing = tmp_path / "no-such-run"
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, str(PRETRAIN), "--config", str(ROOT / "configs/digits_tiny.yaml"),
+                             *base(digits_shards, f"checkpoint.resume={missing}"),
+                             f"train.output_dir={tmp_path / 'run'}"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"checkpoint.resume={missing}: no such path" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    OUTCOMES.append(f"resume path, rank 0 of 2 alone: rc {result.returncode}, "
+                    f"{time.monotonic() - started:.1f} s after the launch")
+
+
 def test_zz_outcomes(capsys):
     """Runs last in this file: the sweep's cases and how each ended."""
     with capsys.disabled():

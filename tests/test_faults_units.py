@@ -126,6 +126,32 @@ def test_first_sigint_is_a_stop_request_that_exits_130_and_a_second_aborts_at_on
     assert "press Ctrl-C again to abort at once without saving" in result.stderr
 
 
+def test_a_stop_signal_while_waiting_for_the_other_ranks_ends_the_wait_at_once(tmp_path):
+    """A TCPStore that waits for a second rank blocks in C++, where no Python handler runs."""
+    status = tmp_path / "exit_status"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import datetime, sys
+        from pathlib import Path
+        import torch.distributed as dist
+        from pipeline.preemption import StopFlag
+        flag = StopFlag().install()
+        flag.exit_status_path = Path({str(status)!r})
+        with flag.ending_the_wait("waiting for the other ranks"):
+            print("waiting", flush=True)
+            dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=60), wait_for_workers=True)
+        print("the wait ended by itself", flush=True)
+    """)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    assert child.stdout.readline() == "waiting\n"
+    time.sleep(0.5)
+    child.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = child.communicate(timeout=30)
+    assert child.returncode == 75 and time.monotonic() - started < 5, (out, err)
+    assert "received SIGTERM while waiting for the other ranks: nothing trained yet" in err
+    assert status.read_text() == "75\n"
+
+
 def test_sigterm_and_sigusr1_mean_requeue():
     from pipeline.preemption import StopFlag
 
