@@ -131,8 +131,7 @@ class KnnProbe:
         for batch in feed:
             with autocast_context(self.run_cfg.train, self.device):
                 features.append(self._features(engine, batch["image"]))
-            label = batch.get("label", torch.full_like(batch["valid"], -1, dtype=torch.long))
-            labels.append(torch.where(batch["valid"] & (label >= 0), label, -1))
+            labels.append(torch.where(batch["valid"] & (batch["label"] >= 0), batch["label"], -1))  # "optional"
         return gather_rows(torch.cat(features)), gather_rows(torch.cat(labels))
 
 

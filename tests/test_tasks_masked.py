@@ -10,8 +10,8 @@ from pipeline.model import mae_flops, simmim_flops
 from pipeline.tasks import ClassificationTask, MAETask, SimMIMTask, build_task
 
 SMALL = ["model.size=tiny", "model.num_channels=1", "model.num_hidden_layers=2", "model.decoder_hidden_size=32",
-         "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64",
-         "model.encoder_stride=4", "model.mask_patch_size=8"]
+         "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=4",
+         "model.decoder_intermediate_size=64", "model.encoder_stride=4", "model.mask_patch_size=8"]
 
 
 def task_and_model(objective: str):
@@ -31,7 +31,8 @@ def test_objective_picks_the_task_and_classification_stays_the_default():
 
 def test_each_objective_checks_its_model_fields_at_load():
     # The tiny size keeps HF's encoder_stride 16, which SimMIM's decoder cannot use with 4-pixel patches.
-    with pytest.raises(ConfigError, match=r"model.patch_size 4 must be square and equal to model.encoder_stride \(16\)"):
+    with pytest.raises(ConfigError, match=r"model.patch_size 4 must be square and equal to model.encoder_stride "
+                                          r"\(16\)"):
         load_config(None, ["model.size=tiny", "train.objective=simmim"])
     with pytest.raises(ConfigError, match="model.decoder_hidden_size must be a multiple of 4"):
         load_config(None, [*SMALL, "model.decoder_hidden_size=30", "model.decoder_num_attention_heads=3",

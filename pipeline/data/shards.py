@@ -4,11 +4,12 @@ Each sample is ``<key>.<ext>`` (the source image bytes, untouched for JPEG/PNG/.
 ``<key>.cls`` (the class index as text) and ``<key>.json`` (label, class name, source). Unlabeled
 data (a folder of images without class subfolders, or ``unlabeled=True``: for masked-image
 pretraining) has no ``.cls`` and no class in its ``.json``, and its manifest names no classes
-(``"labeled": false``). Samples are split per class into train/val with a seeded generator, shuffled across classes (a shard
-then holds every class, which the loader's shard-level shuffle relies on) and cut into shards
-of ``shard_size``. Several processes write whole shards in parallel; each shard appears under
-its final name only once complete, and the manifest (shard names, sample counts, class names)
-is written last: a directory with a manifest is a complete dataset.
+(``"labeled": false``). Samples are split per class into train/val with a seeded generator,
+shuffled across classes (a shard then holds every class, which the loader's shard-level shuffle
+relies on) and cut into shards of ``shard_size``. Several processes write whole shards in
+parallel; each shard appears under its final name only once complete, and the manifest (shard
+names, sample counts, class names) is written last: a directory with a manifest is a complete
+dataset.
 
 A file that cannot be read (a dangling symlink, a loop, an I/O error) is left out and listed
 in the manifest's ``dropped`` with the reason; with ``verify``, so is every image that does not
