@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if code == EXIT_PREEMPTED:  # the trainer's "stopped after saving": 130 when it was Ctrl-C
             code = stop_flag.exit_code
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
-        code = report_failure(error, rank=env.rank, world_size=env.world_size)
+        code = report_failure(error, rank=env.rank, world_size=env.world_size, output_dir=cfg.train.output_dir)
     finally:
         if env.is_main:
             write_exit_status(status_path, code)

@@ -6,9 +6,12 @@ would end with exit 1 and a gloo traceback. So the rank that knows writes its co
 the c10d store before it tears anything down, and a rank whose own error has no known cause reads
 it there (for a few seconds at most) and ends with that code and line instead.
 
-Under torchrun the store is the agent's, which outlives every worker. Without torchrun (srun, a
-single process) it lives in rank 0's process: a rank 0 that reported waits until the others have
-read the report, a few seconds at most, before it exits and takes the store with it.
+Under torchrun the store is the agent's, which outlives every worker. Without torchrun (srun
+without it, the deepspeed launcher) it lives in rank 0's process, and the other ranks' collectives
+fail only once that process has exited, store and all (destroying the process group does not
+close gloo's connections): so a rank 0 that reports there also leaves the report in the run
+directory (``.failure.json``, shared by all ranks like the checkpoints), where the others find it.
+A file older than the reader's own start belongs to an earlier run and is ignored.
 
 The line also goes to torchrun's error file (``TORCHELASTIC_ERROR_FILE``), so that torchrun's
 failure summary shows it in place of "To enable traceback see ...".
@@ -23,6 +26,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from pipeline.errors import EXIT_USER_ERROR, PipelineError, exit_code_for, is_storage_error, one_line, os_reason
 
@@ -30,13 +34,13 @@ log = logging.getLogger(__name__)
 
 _CLAIM = "pipeline/failure/claimed"
 _REPORT = "pipeline/failure/report"
-_READ = "pipeline/failure/read"
+REPORT_FILE = ".failure.json"
+_STARTED = time.time()  # this process's start, near enough: older report files are not this run's
 # How a collective reports a peer that is gone (gloo, NCCL, the store).
 _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Broken pipe|connectFullMesh|remote process exited|"
                         r"NCCL communicator was aborted", re.IGNORECASE)
 PEER_WAIT_S = 3.0  # how long a rank with an unexplained error looks for a peer's report
-HOST_LINGER_S = 5.0  # how long a rank 0 that hosts the store keeps it up for the others to read
-STORE_TIMEOUT_S = 5.0  # no store operation on the way out may take longer
+STORE_TIMEOUT_S = 2.0  # no store operation on the way out may take longer
 
 
 @dataclass(frozen=True)
@@ -86,22 +90,48 @@ def publish(store, failure: Failure) -> bool:
         return False
 
 
-def peer_report(store, rank: int, wait_s: float) -> Failure | None:
-    """Another rank's report, if one comes within ``wait_s``."""
+def peer_report(store, rank: int, wait_s: float, report_dir: Path | None = None) -> Failure | None:
+    """Another rank's report, if one comes within ``wait_s``: in the store, or in ``report_dir``
+    (where rank 0 leaves it when its process holds the store, and exits with it)."""
     deadline = time.monotonic() + wait_s
+    while True:
+        report = _read_report_file(report_dir)
+        if report is None and store is not None:
+            try:
+                if store.check([_REPORT]):
+                    report = Failure(**json.loads(store.get(_REPORT)))
+            except Exception:  # noqa: BLE001 - the store's host is gone: the file alone from here on
+                store = None
+        if report is not None and report.rank != rank:
+            return report
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _read_report_file(report_dir: Path | None) -> Failure | None:
+    path = None if report_dir is None else report_dir / REPORT_FILE
     try:
-        while not store.check([_REPORT]):
-            if time.monotonic() > deadline:
-                return None
-            time.sleep(0.05)
-        report = Failure(**json.loads(store.get(_REPORT)))
-        store.add(_READ, 1)
-    except Exception:  # noqa: BLE001 - the store's host is gone
+        if path is None or path.stat().st_mtime < _STARTED:
+            return None
+        return Failure(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
         return None
-    return report if report.rank != rank else None
 
 
-def agree(failure: Failure, *, world_size: int, hosts_store: bool) -> tuple[Failure, bool]:
+def _write_report_file(report_dir: Path | None, failure: Failure) -> None:
+    if report_dir is None:
+        return
+    tmp = report_dir / f"{REPORT_FILE}.{os.getpid()}"
+    try:
+        tmp.write_text(json.dumps(asdict(failure)))
+        os.replace(tmp, report_dir / REPORT_FILE)
+    except OSError:  # a full or read-only disk: the other ranks then report their own errors
+        pass
+
+
+def agree(failure: Failure, *, world_size: int, hosts_store: bool,
+          report_dir: Path | None = None) -> tuple[Failure, bool]:
     """The failure every rank reports, and whether it was adopted from another rank. A known
     cause is reported at once; an unexplained error (typically a collective that failed because
     a peer left) first looks for a peer's report."""
@@ -111,25 +141,22 @@ def agree(failure: Failure, *, world_size: int, hosts_store: bool) -> tuple[Fail
     if store is None:
         return failure, False
     if not failure.known:
-        peer = peer_report(store, failure.rank, PEER_WAIT_S)
+        peer = peer_report(store, failure.rank, PEER_WAIT_S, report_dir)
         if peer is not None:
             return peer, True
     if publish(store, failure) and hosts_store:
-        deadline = time.monotonic() + HOST_LINGER_S
-        try:
-            while store.add(_READ, 0) < world_size - 1 and time.monotonic() < deadline:
-                time.sleep(0.05)
-        except Exception:  # noqa: BLE001
-            pass
+        _write_report_file(report_dir, failure)
     return failure, False
 
 
-def report_failure(error: BaseException, *, rank: int, world_size: int) -> int:
+def report_failure(error: BaseException, *, rank: int, world_size: int, output_dir: str | Path | None = None) -> int:
     """Log how this rank ends (one line, or a traceback for an unexplained error) and return its
     exit code, agreed with the other ranks. Call it from the ``except`` that ends the run."""
     # Under torchrun the store is the agent's; otherwise rank 0's process holds it.
     hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    failure, adopted = agree(classify(error, rank), world_size=world_size, hosts_store=hosts_store)
+    report_dir = Path(output_dir) if output_dir is not None and Path(output_dir).is_dir() else None
+    failure, adopted = agree(classify(error, rank), world_size=world_size, hosts_store=hosts_store,
+                             report_dir=report_dir)
     if adopted:
         log.error("stopped because rank %d failed: %s", failure.rank, failure.line)
     elif failure.known:
