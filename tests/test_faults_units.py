@@ -183,6 +183,21 @@ def test_ranks_share_one_report_through_the_store():
     assert peer_report(empty, rank=1, wait_s=0.5) is None and time.monotonic() - started < 2
 
 
+def test_without_the_store_a_report_is_read_from_the_run_directory_when_it_is_this_runs(tmp_path):
+    import json
+
+    from pipeline.distributed import faults
+
+    report = faults.Failure(2, "could not write metrics to '/r': [Errno 28] No space left on device", 0, True)
+    faults._write_report_file(tmp_path, report)
+    assert faults.peer_report(None, rank=1, wait_s=0.2, report_dir=tmp_path) == report
+    assert faults.peer_report(None, rank=0, wait_s=0.2, report_dir=tmp_path) is None  # its own
+    stale = faults._STARTED - 60  # a report an earlier run left behind
+    os.utime(tmp_path / faults.REPORT_FILE, (stale, stale))
+    assert faults.peer_report(None, rank=1, wait_s=0.2, report_dir=tmp_path) is None
+    assert json.loads((tmp_path / faults.REPORT_FILE).read_text())["line"] == report.line
+
+
 def test_a_helper_dies_with_its_parent_even_after_kill_9(tmp_path):
     pid_file = tmp_path / "child"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
