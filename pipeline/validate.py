@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.sources import manifest_classes
+from pipeline.data.sources import manifest_classes, manifest_says_unlabeled
 from pipeline.distributed.engine import build_deepspeed_config
 
 IMAGE_CHANNELS = (1, 3)  # what the image loader decodes to (grayscale or RGB)
@@ -33,6 +33,10 @@ def validate_run(cfg: Config, world_size: int) -> None:
 
 
 def check_num_labels(cfg: Config) -> None:
+    if manifest_says_unlabeled(cfg.data.train_shards, cfg.data.manifest):
+        raise ConfigError("train.objective=classification needs labels, but the manifest of data.train_shards says "
+                          "its shards carry none (\"labeled\": false); use train.objective=mae or simmim, or "
+                          "shards written with labels (make_shards without --unlabeled)")
     found = manifest_classes(cfg.data.train_shards, cfg.data.manifest)
     if found is None:
         return

@@ -44,6 +44,26 @@ def test_each_mistake_is_one_line(shards, case):
     assert "\n" not in str(error.value)
 
 
+def test_classification_on_unlabeled_shards_is_refused(tmp_path, shards):
+    """A manifest that says "labeled": false (make_shards --unlabeled) cannot train a classifier."""
+    import json
+    import shutil
+
+    unlabeled = tmp_path / "unlabeled"
+    shutil.copytree(Path(shards).parent, unlabeled)
+    manifest = json.loads((unlabeled / "manifest.json").read_text())
+    (unlabeled / "manifest.json").write_text(json.dumps({**manifest, "labeled": False}))
+    pattern = str(unlabeled / Path(shards).name)
+    cfg = load_config(ROOT / "configs/digits_tiny.yaml", [f"data.train_shards={pattern}"])
+    with pytest.raises(ConfigError, match=r"needs labels, but the manifest .* carry none .*train.objective=mae"):
+        validate_run(cfg, world_size=2)
+    masked = load_config(ROOT / "configs/digits_tiny.yaml", [f"data.train_shards={pattern}", "train.objective=mae",
+                                                             "model.decoder_hidden_size=64",
+                                                             "model.decoder_num_attention_heads=4",
+                                                             "model.decoder_intermediate_size=128"])
+    validate_run(masked, world_size=2)  # the objectives without labels take them
+
+
 def test_a_good_config_passes(shards):
     cfg = load_config(ROOT / "configs/digits_tiny.yaml",
                       [f"data.train_shards={shards}", "model.num_labels=10", "train.zero_stage=3",

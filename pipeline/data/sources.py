@@ -126,6 +126,17 @@ def manifest_classes(spec: str | list[str], manifest: str | None = None) -> tupl
     return ([str(c) for c in classes], location) if isinstance(classes, list) and classes else None
 
 
+def manifest_says_unlabeled(spec: str | list[str], manifest: str | None = None) -> bool:
+    """True when the shards' manifest records ``"labeled": false`` (make_shards --unlabeled)."""
+    urls = expand_sources(spec)
+    if not urls:
+        return False
+    try:
+        return read_manifest(manifest or manifest_beside(urls[0])).get("labeled", True) is False
+    except DataError:
+        return False
+
+
 def manifest_counts(manifest: dict) -> dict[str, int]:
     return {s["name"]: int(s["num_samples"]) for s in manifest["shards"]}
 
