@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from pipeline.data.tar_skip import count_samples, read_range
+from pipeline.data.tar_reader import count_samples, read_range
 
 LONG = "x" * 120  # a key longer than ustar's 100-byte name field: needs a pax header
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_exit_codes_follow_from_the_class():
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError
-    from pipeline.data.sources import DataError
+    from pipeline.data.errors import DataError
     from pipeline.distributed.env import DistributedEnvError
 
     for cls in (ConfigError, DataError, CheckpointError, DistributedEnvError, StorageError):

@@ -5,7 +5,7 @@
 """
 from .ledger import LedgerWriter, read_ledger
 from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
-from .sources import DataError
+from .errors import DataError
 
 __all__ = ["DataError", "EvalLoader", "LedgerWriter", "TrainLoader", "build_eval_loader", "build_train_loader",
            "read_ledger"]

@@ -28,7 +28,8 @@ from pipeline.config import DataConfig
 
 from .batch_ring import DATALOADER_PREFETCH, BatchRing
 from .partition import EvalLayout, TrainLayout, mix_seed, shard_offsets
-from .sources import DataError, Shard, resolve_shards
+from .errors import DataError
+from .sources import Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, EvalBatches, Refill, SkipBad, SliceReader, TrainBatches,
                      replayed_positions, seeded_shuffle)
 from .transforms import check_channels, eval_transform, train_transform

@@ -27,16 +27,12 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from pipeline.errors import UserError
+from .errors import DataError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 _TAR_TOKEN = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)(?=$|[\s'\"])")
-
-
-class DataError(UserError, RuntimeError):
-    """Data that cannot be read as configured; the message names the shard, key or setting."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +139,7 @@ def manifest_counts(manifest: dict) -> dict[str, int]:
 
 def count_local_shard(path: str) -> int:
     """Count a shard's samples from its tar headers only (used when there is no manifest)."""
-    from .tar_skip import count_samples
+    from .tar_reader import count_samples
 
     return count_samples(path)
 

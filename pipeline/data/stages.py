@@ -18,8 +18,8 @@ from torch.utils.data import default_collate
 
 from .batch_ring import BatchRing
 from .partition import Segment, mix_seed
-from .sources import DataError
-from .tar_skip import count_samples, read_range
+from .errors import DataError
+from .tar_reader import count_samples, read_range
 from .transforms import IMAGE_EXTENSIONS, decode
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def replayed_positions(length: int, consumed: int, bufsize: int, seed: int) -> s
 
 
 class SliceReader:
-    """Source stage: one raw item per position of a slice (see ``tar_skip.read_range``)."""
+    """Source stage: one raw item per position of a slice (see ``tar_reader.read_range``)."""
 
     def __init__(self, urls: list[str], offsets: tuple[int, ...], segments: list[Segment],
                  replayed: set[int] = frozenset()):
