@@ -65,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.distributed.faults import report_failure
     from pipeline.distributed.precision import check_precision
     from pipeline.preflight import preflight
+    from pipeline.tasks import build_task
     from pipeline.trainer import train
 
     status_path = Path(cfg.train.output_dir) / "exit_status"
     code = 1
     try:
         check_precision(cfg.train.precision, device_for(env))
-        preflight(cfg, env)  # every rank, before any rank waits for another: the same refusal everywhere
+        task = build_task(cfg)  # every rank, before any rank waits for another: the same refusal everywhere
+        preflight(cfg, env, shape_fields=task.shape_fields, build_model=task.build_model)
         if env.is_main:
             write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
             stop_flag.exit_status_path = status_path

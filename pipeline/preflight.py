@@ -19,13 +19,16 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
 
 from pipeline import checkpoint
 from pipeline.config import Config, ModelConfig
 from pipeline.data.sources import Shard, resolve_shards
 from pipeline.distributed.env import DistributedEnv
 from pipeline.storage import check_writable
-from pipeline.tasks import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -40,31 +43,30 @@ class Preflight:
     checkpoint_bytes: int  # the estimated size of one checkpoint, all ranks together
 
 
-def preflight(cfg: Config, env: DistributedEnv) -> Preflight:
-    """Refuse (UserError, exit 2) whatever of the user's input cannot work; warn on low space."""
+def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...],
+              build_model: Callable[[ModelConfig], nn.Module]) -> Preflight:
+    """Refuse (UserError, exit 2) whatever of the user's input cannot work; warn on low space.
+    ``shape_fields`` and ``build_model`` are the task's (``Task.shape_fields``, ``Task.build_model``)."""
     output_dir = Path(cfg.train.output_dir)
     check_writable(output_dir)
-    task = build_task(cfg)
     resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir, overwrite=cfg.checkpoint.overwrite)
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
                                   world_size=env.world_size, zero_stage=cfg.train.zero_stage,
-                                  shape_fields=task.shape_fields)
+                                  shape_fields=shape_fields)
     train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards")
     val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards") if cfg.data.val_shards \
         else None
-    size = checkpoint_bytes(count_parameters(task, cfg.model), zero_stage=cfg.train.zero_stage,
+    size = checkpoint_bytes(count_parameters(build_model, cfg.model), zero_stage=cfg.train.zero_stage,
                             precision=cfg.train.precision)
     if env.is_main:
         warn_if_low_space(output_dir, size)
     return Preflight(resume=plan, train_shards=train, val_shards=val, checkpoint_bytes=size)
 
 
-def count_parameters(task: Task, model_cfg: ModelConfig) -> int:
-    """The task's model's parameter count, built on the meta device (no memory, no time)."""
-    import torch
-
+def count_parameters(build_model: Callable[[ModelConfig], nn.Module], model_cfg: ModelConfig) -> int:
+    """The model's parameter count, built on the meta device (no memory, no time)."""
     with torch.device("meta"):
-        model = task.build_model(model_cfg)
+        model = build_model(model_cfg)
     return sum(p.numel() for p in model.parameters())
 
 
