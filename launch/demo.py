@@ -3,9 +3,16 @@
 Writes shards to data/digits (once), trains configs/digits_tiny.yaml under torchrun with two
 ranks, draws the curves, and prints where metrics, checkpoints and the plot are.
 Extra arguments are passed to the trainer as overrides, e.g. `make demo ARGS="train.max_steps=100"`.
+
+`make demo ARGS="--objective mae"` is the self-supervised demo instead: MAE pretraining on the same
+shards with their labels ignored (configs/digits_mae.yaml; overrides go to this run), then the
+k-NN and linear-probe top-1 of the frozen pretrained encoder next to a randomly initialised one
+(launch/linear_probe.py), then configs/digits_tiny.yaml fine-tuned from the MAE encoder
+(``train.init_from``) and its validation top-1.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "digits_tiny.yaml"
+MAE_CONFIG = ROOT / "configs" / "digits_mae.yaml"
 SHARDS = ROOT / "data" / "digits"
 
 
@@ -25,25 +33,43 @@ def run(command: list[str], env: dict | None = None) -> None:
         sys.exit(code)
 
 
-def main() -> int:
-    overrides = sys.argv[1:]
-    started = time.perf_counter()
-    if not (SHARDS / "manifest.json").is_file():
-        run([sys.executable, "launch/make_shards.py", "--source", "digits", "--out", str(SHARDS),
-             "--shard-size", "405", "--val-fraction", "0.1", "--workers", "2"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    output_dir = ROOT / "runs" / "digits_tiny"
-    for override in overrides:  # a user's train.output_dir=... wins, and the summary follows it
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="make demo ARGS=...", description=__doc__.splitlines()[0])
+    parser.add_argument("--objective", choices=("classification", "mae"), default="classification",
+                        help="classification (default): configs/digits_tiny.yaml; mae: MAE pretraining, "
+                             "encoder probes, then fine-tuning")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the (pre)training run, e.g. "
+                                                     "train.max_steps=100")
+    return parser.parse_intermixed_args(argv)
+
+
+def output_dir_of(overrides: list[str], default: Path) -> Path:
+    """A user's train.output_dir=... wins, and the summary follows it."""
+    for override in overrides:
         if override.startswith("train.output_dir="):
-            output_dir = Path(override.split("=", 1)[1]).resolve()
-    train_started = time.perf_counter()
+            default = Path(override.split("=", 1)[1]).resolve()
+    return default
+
+
+def train(config: Path, output_dir: Path, overrides: list[str]) -> float:
+    """One 2-rank torchrun of the trainer on CPU, from scratch; returns its seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    started = time.perf_counter()
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "launch/pretrain.py", "--config", str(CONFIG), f"train.output_dir={output_dir}",
+         "launch/pretrain.py", "--config", str(config), f"train.output_dir={output_dir}",
          "checkpoint.resume=none", "checkpoint.overwrite=true", *overrides], env=env)
-    train_seconds = time.perf_counter() - train_started
+    return time.perf_counter() - started
+
+
+def metrics_rows(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def classification(overrides: list[str], started: float) -> int:
+    output_dir = output_dir_of(overrides, ROOT / "runs" / "digits_tiny")
+    train_seconds = train(CONFIG, output_dir, overrides)
     run([sys.executable, "launch/plot.py", str(output_dir)])
-    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    last_eval = [r for r in rows if "val_top1" in r][-1]
+    last_eval = [r for r in metrics_rows(output_dir) if "val_top1" in r][-1]
     print(f"\nvalidation top-1 {last_eval['val_top1']:.2%}, top-5 {last_eval['val_top5']:.2%} at step "
           f"{last_eval['step']}; training took {train_seconds:.0f} s ({time.perf_counter() - started:.0f} s in all)")
     print(f"metrics:     {output_dir / 'metrics.jsonl'} (TensorBoard: {output_dir / 'tensorboard'})")
@@ -51,6 +77,73 @@ def main() -> int:
     print(f"plot:        {output_dir / 'curves.png'}")
     print(f"export:      python launch/export.py --checkpoint {output_dir} --out {output_dir / 'hf'}")
     return 0
+
+
+def encoder_probes(pretrained_dir: Path) -> tuple[dict, dict, object]:
+    """k-NN and linear-probe top-1 of the MAE run's encoder and of a random one of the same shape
+    (the MAE model's own initialisation, seeded with train.seed), on the run's own shards."""
+    import dataclasses
+
+    import torch
+
+    sys.path.insert(0, str(ROOT))  # launch/linear_probe.py as launch.linear_probe
+    from launch.linear_probe import probe_encoder
+    from pipeline.config import load_config
+    from pipeline.init_from import load_encoder
+    from pipeline.tasks import build_task
+
+    # The resolved config the run wrote; ~1,800 tiny images decode in-process faster than a worker starts.
+    cfg = load_config(pretrained_dir / "config.yaml", ["data.num_workers=0"])
+    task = build_task(cfg)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(cfg.train.seed)
+        models.append(task.build_model(dataclasses.replace(cfg.model, activation_checkpointing="none")))
+    random_model, pretrained_model = models
+    load_encoder(pretrained_model, pretrained_dir)  # the encoder only, as train.init_from loads it
+    return probe_encoder(pretrained_model, task, cfg), probe_encoder(random_model, task, cfg), cfg
+
+
+def mae(overrides: list[str], started: float) -> int:
+    pretrain_dir = output_dir_of(overrides, ROOT / "runs" / "digits_mae")
+    finetune_dir = pretrain_dir.with_name(pretrain_dir.name + "_finetune")
+    pretrain_seconds = train(MAE_CONFIG, pretrain_dir, overrides)
+    run([sys.executable, "launch/plot.py", str(pretrain_dir)])
+    probe_started = time.perf_counter()
+    pretrained, random_init, cfg = encoder_probes(pretrain_dir)
+    probe_seconds = time.perf_counter() - probe_started
+    finetune_seconds = train(CONFIG, finetune_dir, [f"train.init_from={pretrain_dir}"])
+    run([sys.executable, "launch/plot.py", str(finetune_dir)])
+
+    last_pretrain = [r for r in metrics_rows(pretrain_dir) if "val_loss" in r][-1]
+    last_finetune = [r for r in metrics_rows(finetune_dir) if "val_top1" in r][-1]
+    knn_during = last_pretrain.get("val_knn_top1")
+    print(f"\nMAE pretraining ({cfg.train.max_steps} steps, mask ratio {cfg.model.mask_ratio}, labels unused): "
+          f"validation reconstruction loss {last_pretrain['val_loss']:.4f}"
+          + (f", k-NN top-1 at the last evaluation {knn_during:.2%}" if knn_during is not None else ""))
+    print(f"frozen encoder probes ({cfg.probe.features} features; k-NN k={cfg.probe.k} and a linear probe on the "
+          "training split, top-1 on the validation split):")
+    print(f"  {'encoder':<16}{'k-NN':>8}{'linear':>9}")
+    for name, figures in (("random init", random_init), ("MAE pretrained", pretrained)):
+        print(f"  {name:<16}{figures['knn_top1']:>8.2%}{figures['linear_top1']:>9.2%}")
+    print(f"fine-tuned from the MAE encoder ({CONFIG.relative_to(ROOT)}, train.init_from): validation top-1 "
+          f"{last_finetune['val_top1']:.2%}, top-5 {last_finetune['val_top5']:.2%} at step {last_finetune['step']}")
+    print(f"pretraining took {pretrain_seconds:.0f} s, probes {probe_seconds:.0f} s, fine-tuning "
+          f"{finetune_seconds:.0f} s ({time.perf_counter() - started:.0f} s in all)")
+    print(f"runs:        {pretrain_dir} (MAE), {finetune_dir} (fine-tuned); metrics.jsonl and curves.png in each")
+    print(f"export:      python launch/export.py --checkpoint {pretrain_dir} --out {pretrain_dir / 'hf'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    started = time.perf_counter()
+    if not (SHARDS / "manifest.json").is_file():
+        run([sys.executable, "launch/make_shards.py", "--source", "digits", "--out", str(SHARDS),
+             "--shard-size", "405", "--val-fraction", "0.1", "--workers", "2"])
+    if args.objective == "mae":
+        return mae(args.overrides, started)
+    return classification(args.overrides, started)
 
 
 if __name__ == "__main__":

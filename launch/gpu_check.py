@@ -27,17 +27,23 @@ def goals_met(plan, results: dict) -> dict[str, bool | None]:
     if not plan.goals:
         return {}
     rows = {row["name"]: row for row in results.get("throughput", [])}
-    b16, l16 = rows.get("B/16 eager"), rows.get("L/16 compiled")
+    b16, l16, mae = rows.get("B/16 eager"), rows.get("L/16 compiled"), rows.get("B/16 MAE eager")
 
     def at_least(row, key, goal):
         return None if row is None or row.get(key) is None else row[key] >= goal
 
     wait = None if b16 is None or b16.get("data_wait_fraction") is None else \
         b16["data_wait_fraction"] <= plan.goals["data_wait_b16"]
+    # Both trainers at batch 256: an MAE step's time over a classification step's is the inverse
+    # ratio of their images/s.
+    mae_cost = None if not (b16 and mae and b16.get("trainer_images_per_s") and mae.get("trainer_images_per_s")) \
+        else b16["trainer_images_per_s"] / mae["trainer_images_per_s"] <= plan.goals["mae_cost_b16"]
     return {"B/16 trainer/model >= 0.92": at_least(b16, "ratio", plan.goals["ratio"]),
             "L/16 trainer/model >= 0.92": at_least(l16, "ratio", plan.goals["ratio"]),
             "B/16 data wait <= 0.03": wait, "L/16 trainer MFU >= 0.42": at_least(l16, "trainer_mfu",
-                                                                               plan.goals["mfu_l16"])}
+                                                                               plan.goals["mfu_l16"]),
+            "B/16 MAE trainer/model >= 0.92": at_least(mae, "ratio", plan.goals["ratio"]),
+            "B/16 MAE step / classification step <= 0.60": mae_cost}
 
 
 def print_table(results: dict, goals: dict) -> None:

@@ -48,25 +48,47 @@ def bench(tmp_path: Path, *args: str, subprocess_: bool = False, timeout: float 
 
 def test_model_suite_ratios(tmp_path):
     result = bench(tmp_path, "model", "--sizes", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "0",
-                   "--threads", "1", "--precisions", "bf16")
-    assert set(result["cells"]) == {"tiny bf16"}
-    for cell in result["cells"].values():
-        assert set(cell["contenders"]) == {"ours", "timm", "hf_sdpa", "hf_eager"}
-        assert all(c["median_s"] > 0 for c in cell["contenders"].values())
-        assert cell["ratio_ours_vs_fastest_peer"] > 0 and "ratio_ours_vs_hf" in cell
-        # the same weights went into every peer: same function up to float rounding
-        assert max(cell["max_abs_diff_vs_ours_fp32"].values()) < 1e-4
+                   "--threads", "1", "--precisions", "bf16", "--objectives", "classification", "mae", "simmim",
+                   "--clock", "cpu")
+    assert set(result["cells"]) == {"tiny bf16", "tiny bf16 mae", "tiny bf16 simmim"}
+    cell = result["cells"]["tiny bf16"]
+    assert set(cell["contenders"]) == {"ours", "timm", "hf_sdpa", "hf_eager"}
+    assert all(c["median_s"] > 0 for c in cell["contenders"].values())
+    assert cell["ratio_ours_vs_fastest_peer"] > 0 and "ratio_ours_vs_hf" in cell
+    # the same weights went into every peer: same function up to float rounding
+    assert max(cell["max_abs_diff_vs_ours_fp32"].values()) < 1e-4
     assert any("ratio" in key for key in result["summary"])
+    from pipeline.config import ModelConfig
+    from pipeline.model import mae_flops, vit_flops
+
+    tiny = ModelConfig(size="tiny")
+    for objective in ("mae", "simmim"):
+        cell = result["cells"][f"tiny bf16 {objective}"]
+        assert set(cell["contenders"]) == {"ours", "hf_sdpa", "hf_eager", "ours_classification"}
+        assert all(c["median_s"] > 0 for c in cell["contenders"].values())
+        # HF's pretraining model with our weights and the same masks computes our loss
+        assert max(cell["max_abs_loss_diff_vs_ours_fp32"].values()) < 1e-5
+        assert cell["cost_vs_classification"] > 0 and cell["ratio_ours_vs_hf"] > 0
+    assert result["cells"]["tiny bf16 mae"]["analytic_flops_ratio"] == round(mae_flops(tiny, 2) / vit_flops(tiny, 2), 3)
 
 
 def test_step_suite_overhead(tmp_path):
     result = bench(tmp_path, "step", "--size", "tiny", "--batch-size", "2", "--stages", "0", "3", "--repeats", "1",
-                   "--warmup", "1", "--precisions", "fp32", "--threads", "1", subprocess_=True)
+                   "--warmup", "1", "--precisions", "fp32", "--threads", "1", "--objectives", "classification", "mae",
+                   "simmim", "--clock", "cpu", subprocess_=True)
     stats = result["precisions"]["fp32"]
-    assert set(stats) == {"plain_adamw", "zero0", "zero3"}
-    assert all(s["median_s"] > 0 and "overhead_pct" in s for s in stats.values())
-    # one model, one batch, one init: every step starts from the same loss
-    assert len({s["first_loss"] for s in stats.values()}) == 1
+    steps = ("plain_adamw", "zero0", "zero3")
+    assert set(stats) == {*steps, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}
+    assert all(s["median_s"] > 0 and s["overhead_pct"] is not None for s in stats.values())
+    # the trainer's own step, split in its two phases
+    assert all(s["fwd_bwd_s"] > 0 and s["optimizer_s"] > 0 for s in stats.values())
+    for objective in ("classification", "mae", "simmim"):
+        mine = [s for s in stats.values() if s["objective"] == objective]
+        # one model, one batch, one init (and the same masks): every step starts from the same loss
+        assert len(mine) == 3 and len({s["first_loss"] for s in mine}) == 1
+        if objective != "classification":
+            assert all(s["cost_vs_classification"] > 0 and s["fwd_bwd_cost_vs_classification"] > 0 for s in mine)
+    assert len({s["first_loss"] for s in stats.values()}) == 3  # three objectives, three losses
 
 
 ZERO3_LINEAR_CHECK = """

@@ -17,8 +17,12 @@ def test_gpu_check_runs_every_phase_on_tiny_sizes(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     results = report["results"]
     assert set(results) == {"throughput", "sync", "matrix", "resume", "export"}
-    (row,) = results["throughput"]
-    assert row["trainer_images_per_s"] > 0 and row["model_images_per_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+    # classification, and MAE on the same labeled shards (labels unused) next to the MAE model alone
+    assert [(r["name"], r["objective"]) for r in results["throughput"]] == [("tiny eager", "classification"),
+                                                                            ("tiny MAE eager", "mae")]
+    for row in results["throughput"]:
+        assert row["trainer_images_per_s"] > 0 and row["model_images_per_s"] > 0
+        assert 0 <= row["data_wait_fraction"] <= 1 and row["trainer_mfu"] > 0 and row["model_mfu"] > 0
     assert [r["name"] for r in results["matrix"]] == ["matrix-fp32-zero0", "matrix-bf16-zero3", "fp16 refused on CPU"]
     assert all(r["last_loss"] < r["first_loss"] for r in results["matrix"][:2])
     (resumed,) = results["resume"]

@@ -114,10 +114,17 @@ def summarize(times: list[float]) -> dict:
             "max_s": round(max(times), 4), "n": len(times)}
 
 
+# What a suite's --clock measures: wall time, or this process's CPU time (every thread's, so with
+# one torch thread the time the step itself computed). On a shared machine whose load exceeds its
+# cores, wall time counts the other processes' turns and moves with them; CPU time does not.
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved(contenders: dict[str, Callable[[], None]], *, repeats: int, warmup: int = 1,
-                sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
-    """Seconds of each call, the contenders taking turns; the order rotates every repetition so
-    that none always runs first (after a pause) or last."""
+                sync: Callable[[], None] | None = None, clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds of each call (``clock``: "wall" or "cpu", see CLOCKS), the contenders taking turns;
+    the order rotates every repetition so that none always runs first (after a pause) or last."""
+    now = CLOCKS[clock]
     names = list(contenders)
     for _ in range(warmup):
         for name in names:
@@ -129,11 +136,11 @@ def interleaved(contenders: dict[str, Callable[[], None]], *, repeats: int, warm
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             gc.collect()
-            start = time.perf_counter()
+            start = now()
             contenders[name]()
             if sync:
                 sync()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 

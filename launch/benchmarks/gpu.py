@@ -5,29 +5,30 @@ checkpointing (none / all) and torch.compile (off / per layer, as ``train.compil
 bf16 autocast over fp32 weights, attention forced onto SDPA's flash kernel, fused AdamW, a full
 step (forward, fp32 cross-entropy, backward, clip, optimizer). The batch is the largest that
 fits: two probe steps give memory per image, the prediction is tried and shrunk on OOM.
-MFU = analytic FLOPs (``vit_flops``: no recompute counted) / time / the GPU's dense bf16 peak
+MFU = analytic FLOPs (the task's: ``vit_flops``, no recompute counted) / time / the GPU's dense bf16 peak
 (``pipeline.metrics.GPU_PEAK_FLOPS``); a large bf16 matmul measured in the same run is given
 beside it. A time budget stops starting new configurations, so the suite ends in bounded time.
 Without CUDA it says so and returns (exit 0); ``--device cpu`` runs the same code on a tiny
-model, for tests.
+model, for tests. ``--objectives mae simmim`` times those tasks' steps too (their own loss and
+masks; MAE with HF's default 8 x 512 decoder), their MFU from their own analytic FLOPs
+(``Task.flops``: MAE's encoder sees a quarter of the patches).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import sys
 import time
 
 import torch
 
-from launch.benchmarks.common import model_config, option
+from launch.benchmarks.common import option
 from pipeline.metrics import measure_matmul_flops as matmul_flops
 from pipeline.compiling import compile_layers
 
 DEFAULTS = dict(sizes=["L/16", "B/16"], checkpointing=["none", "all"], compile=["off", "on"], steps=10, warmup=3,
                 batch_size=None, max_batch=2048, memory_fraction=0.9, budget_s=420.0, device="cuda",
-                mm_size=8192, compile_scope="layer", weights="fp32")
+                mm_size=8192, compile_scope="layer", weights="fp32", objectives=["classification"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=["fp32", "bf16"],
                         help="fp32 weights + bf16 autocast (default; the ZeRO-0 path) or bf16 weights without "
                              "autocast (the forward/backward of DeepSpeed's bf16 mode at ZeRO >= 1)")
+    parser.add_argument("--objectives", nargs="+", choices=["classification", "mae", "simmim"],
+                        help="training objectives (default classification)")
 
 
 def log(message: str) -> None:
@@ -62,16 +65,25 @@ def sdpa_flash():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
-class Trainee:
-    """A model, its fused AdamW and one full bf16-autocast training step."""
+def run_config_of(size: str, checkpointing: str, objective: str):
+    """The Config of a step of ``objective`` on the model of ``size`` (the task's own fields set)."""
+    from launch.benchmarks.training_steps import train_config
 
-    def __init__(self, cfg, device: torch.device, compiled: bool, scope: str = "layer", weights: str = "fp32"):
+    return train_config(size, batch_size=1, precision="bf16", activation_checkpointing=checkpointing,
+                        objective=objective)
+
+
+class Trainee:
+    """A model, its fused AdamW and one full bf16-autocast training step of the run's task."""
+
+    def __init__(self, run_cfg, device: torch.device, compiled: bool, scope: str = "layer", weights: str = "fp32"):
         from pipeline.config import OptimConfig
         from pipeline.optim import build_optimizer
-        from pipeline.tasks import ClassificationTask
+        from pipeline.tasks import build_task
 
         torch.manual_seed(0)
-        self.task = ClassificationTask()
+        cfg = run_cfg.model
+        self.task = build_task(run_cfg)
         self.model = self.task.build_model(cfg).to(device).train()
         if weights == "bf16":
             self.model.to(torch.bfloat16)
@@ -173,18 +185,17 @@ def time_steps(trainee: Trainee, batch: int, opts: dict) -> dict:
     return {"first_step_s": round(first, 2), "step_s": times[len(times) // 2], "steps": len(times)}
 
 
-def run_config(size: str, checkpointing: str, compiled: bool, opts: dict, device: torch.device, peak: float) -> dict:
-    from pipeline.model import vit_flops
-
-    cfg = model_config(size, activation_checkpointing=checkpointing)
-    trainee = Trainee(cfg, device, compiled, opts["compile_scope"], opts["weights"])
-    row: dict = {"size": size, "checkpointing": checkpointing,
+def run_config(size: str, checkpointing: str, compiled: bool, opts: dict, device: torch.device, peak: float,
+               objective: str = "classification") -> dict:
+    run_cfg = run_config_of(size, checkpointing, objective)
+    trainee = Trainee(run_cfg, device, compiled, opts["compile_scope"], opts["weights"])
+    row: dict = {"objective": objective, "size": size, "checkpointing": checkpointing,
                  "compile": opts["compile_scope"] if compiled else False, "weights": opts["weights"]}
     if opts["batch_size"] or device.type != "cuda":
         batch = opts["batch_size"] or 2
     else:
         row.update(largest_batch(trainee, opts) if not compiled else {})
-        batch = row.get("batch") or opts["_eager_batch"].get((size, checkpointing)) or 64
+        batch = row.get("batch") or opts["_eager_batch"].get((objective, size, checkpointing)) or 64
     while True:
         try:
             timing = time_steps(trainee, batch, opts)
@@ -196,8 +207,8 @@ def run_config(size: str, checkpointing: str, compiled: bool, opts: dict, device
         row.setdefault("shrunk_from", []).append(batch)
         batch = max(8, int(batch * 0.85) // 8 * 8)
     if not compiled:
-        opts["_eager_batch"][(size, checkpointing)] = batch
-    flops = vit_flops(cfg, batch)
+        opts["_eager_batch"][(objective, size, checkpointing)] = batch
+    flops = trainee.task.flops(run_cfg.model, batch)  # the task's analytic FLOPs: MFU of what it computes
     row.update(batch=batch, step_s=round(timing["step_s"], 4), first_step_s=timing["first_step_s"],
                images_per_s=round(batch / timing["step_s"], 1),
                tflop_per_s=round(flops / timing["step_s"] / 1e12, 1),
@@ -235,30 +246,32 @@ def run(args: argparse.Namespace | None = None) -> dict:
     log(f"{result['device']}: bf16 peak {result['peak_bf16_tflop_per_s']} TFLOP/s, "
         f"measured {opts['mm_size']}^3 matmul {result['matmul_bf16_tflop_per_s']} TFLOP/s")
     opts["_eager_batch"] = {}
-    for size in opts["sizes"]:
-        for checkpointing in opts["checkpointing"]:
-            for compiled in (c == "on" for c in opts["compile"]):
-                name = f"{size} ckpt={checkpointing} compile={compiled}"
-                if time.perf_counter() - start > opts["budget_s"]:
-                    result["skipped"].append(f"{name}: time budget")
-                    continue
-                row = None
-                try:
-                    row = run_config(size, checkpointing, compiled, opts, device, peak)
-                except Exception as err:  # noqa: BLE001 - one configuration's failure is a result, not the end
-                    result["skipped"].append(f"{name}: {type(err).__name__}: {str(err).strip()[:300]}")
-                    log(result["skipped"][-1])
-                if row is None:
-                    free(device)  # here, not in the except block, whose traceback still holds the model
-                    continue
-                row["matmul_fraction"] = round(row["tflop_per_s"] * 1e12 / mm, 3)
-                result["rows"].append(row)
-                log(str(row))
+    configurations = [(objective, size, checkpointing, compiled) for objective in opts["objectives"]
+                      for size in opts["sizes"] for checkpointing in opts["checkpointing"]
+                      for compiled in (c == "on" for c in opts["compile"])]
+    for objective, size, checkpointing, compiled in configurations:
+        name = f"{objective} {size} ckpt={checkpointing} compile={compiled}"
+        if time.perf_counter() - start > opts["budget_s"]:
+            result["skipped"].append(f"{name}: time budget")
+            continue
+        row = None
+        try:
+            row = run_config(size, checkpointing, compiled, opts, device, peak, objective)
+        except Exception as err:  # noqa: BLE001 - one configuration's failure is a result, not the end
+            result["skipped"].append(f"{name}: {type(err).__name__}: {str(err).strip()[:300]}")
+            log(result["skipped"][-1])
+        if row is None:
+            free(device)  # here, not in the except block, whose traceback still holds the model
+            continue
+        row["matmul_fraction"] = round(row["tflop_per_s"] * 1e12 / mm, 3)
+        result["rows"].append(row)
+        log(str(row))
     result["settings"].pop("_eager_batch", None)
     best = {}
-    for row in result["rows"]:
-        if row["mfu"] > best.get(row["size"], {}).get("mfu", -1):
-            best[row["size"]] = row
+    for row in result["rows"]:  # keyed "L/16" for classification, "L/16 mae" for another objective
+        key = row["size"] if row["objective"] == "classification" else f"{row['size']} {row['objective']}"
+        if row["mfu"] > best.get(key, {}).get("mfu", -1):
+            best[key] = row
     result["summary"] = {f"{size} best mfu": r["mfu"] for size, r in best.items()}
     result["summary"].update({f"{size} best config": f"ckpt={r['checkpointing']} compile={r['compile']} "
                               f"batch={r['batch']} {r['images_per_s']} img/s" for size, r in best.items()})

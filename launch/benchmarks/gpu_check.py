@@ -2,7 +2,8 @@
 
 - throughput: the trainer on JPEG shards next to the model alone (``benchmark.py gpu``, same
   model, batch, dtype and compile setting, same machine, same run): images/s, their ratio,
-  the trainer's data wait and MFU;
+  the trainer's data wait and MFU; classification, and MAE pretraining (``train.objective=mae``,
+  HF's default decoder, its MFU from MAE's analytic FLOPs) on the same shards, labels unused;
 - sync: a ZeRO-0 run with ``PIPELINE_SYNC_DEBUG=error`` (torch refuses any host-device
   synchronisation in a steady-state step), and one at ZeRO-2 with ``warn`` that counts the
   synchronisations DeepSpeed's optimizer makes itself (CUDA only);
@@ -46,16 +47,20 @@ def gpu_plan() -> Plan:
     workers = max(1, min(14, (os.cpu_count() or 2) - 2))
     return Plan(images=12_350, height=360, width=440, shards=25, workers=workers,
                 throughput=[dict(name="B/16 eager", size="B/16", batch=256, compile=False, steps=80, after=30),
-                            dict(name="L/16 compiled", size="L/16", batch=256, compile=True, steps=60, after=30)],
+                            dict(name="L/16 compiled", size="L/16", batch=256, compile=True, steps=60, after=30),
+                            dict(name="B/16 MAE eager", size="B/16", batch=256, compile=False, steps=80, after=30,
+                                 objective="mae")],
                 matrix=dict(size="S/16", batch=64, steps=20,
                             runs=[(p, z) for p in ("fp32", "bf16", "fp16") for z in (0, 1, 2, 3)]),
                 resume=dict(size="S/16", batch=64, steps=24, stop_at=12, stages=[0, 1, 2, 3], precision="bf16"),
-                goals={"ratio": 0.92, "data_wait_b16": 0.03, "mfu_l16": 0.42})
+                goals={"ratio": 0.92, "data_wait_b16": 0.03, "mfu_l16": 0.42, "mae_cost_b16": 0.60})
 
 
 def tiny_plan() -> Plan:
     return Plan(images=120, height=40, width=48, shards=4, workers=1, gpu=False,
-                throughput=[dict(name="tiny eager", size="tiny", batch=16, compile=False, steps=12, after=4)],
+                throughput=[dict(name="tiny eager", size="tiny", batch=16, compile=False, steps=12, after=4),
+                            dict(name="tiny MAE eager", size="tiny", batch=16, compile=False, steps=8, after=4,
+                                 objective="mae")],
                 matrix=dict(size="tiny", batch=16, steps=6, runs=[("fp32", 0), ("bf16", 3)]),
                 resume=dict(size="tiny", batch=16, steps=8, stop_at=4, stages=[2], precision="bf16"))
 
@@ -78,7 +83,10 @@ class Runs:
                      f"data.num_workers={plan.workers}", "model.num_labels=10"]
 
     def overrides(self, name: str, size: str, batch: int, steps: int, *, stage: int = 2, precision: str = "bf16",
-                  compile: bool = False, log_every: int = 1, extra: tuple = ()) -> list[str]:
+                  compile: bool = False, log_every: int = 1, objective: str = "classification",
+                  extra: tuple = ()) -> list[str]:
+        if objective != "classification":  # a throughput run: no k-NN bank pass over the training shards
+            extra = (f"train.objective={objective}", "probe.knn=false", *extra)
         return [*self.data, f"model.size={size}", f"data.batch_size={batch}", f"train.max_steps={steps}",
                 f"train.zero_stage={stage}", f"train.precision={precision}", f"train.compile={str(compile).lower()}",
                 f"train.log_every={log_every}", "train.eval_every=0", "checkpoint.every_steps=0",
@@ -122,30 +130,40 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def model_only(plan: Plan, spec: dict, out: Path) -> dict:
-    """``benchmark.py gpu`` on the same model, batch and compile setting, bf16 weights as the trainer's."""
-    path = out / f"model-{spec['name'].replace('/', '').replace(' ', '-')}.json"
-    command = [sys.executable, str(ROOT / "launch/benchmark.py"), "gpu", "--sizes", spec["size"],
-               "--checkpointing", "none", "--compile", "on" if spec["compile"] else "off",
-               "--batch-size", str(spec["batch"]), "--weights", "bf16", "--steps", "10", "--warmup", "3",
-               "--json", str(path)]
+def model_only(plan: Plan, specs: list[dict], out: Path) -> dict[str, dict]:
+    """``benchmark.py gpu`` on the same model, batch and compile setting, bf16 weights as the trainer's,
+    for every objective of ``specs`` (which share size, batch and compile) in one process; by spec name."""
+    first = specs[0]
+    path = out / f"model-{first['name'].replace('/', '').replace(' ', '-')}.json"
+    objectives = [spec.get("objective", "classification") for spec in specs]
+    command = [sys.executable, str(ROOT / "launch/benchmark.py"), "gpu", "--sizes", first["size"],
+               "--checkpointing", "none", "--compile", "on" if first["compile"] else "off",
+               "--batch-size", str(first["batch"]), "--weights", "bf16", "--steps", "10", "--warmup", "3",
+               "--objectives", *objectives, "--json", str(path)]
     if not plan.gpu:
         command += ["--device", "cpu"]
     subprocess.run(command, check=True, cwd=ROOT, env=env(), capture_output=True, text=True)
-    row = json.loads(path.read_text())["result"]["rows"][0]
-    return {"images_per_s": row["images_per_s"], "mfu": row.get("mfu")}
+    rows = {row["objective"]: row for row in json.loads(path.read_text())["result"]["rows"]}
+    return {spec["name"]: {"images_per_s": rows[objective]["images_per_s"], "mfu": rows[objective].get("mfu")}
+            for spec, objective in zip(specs, objectives)}
 
 
 def throughput(plan: Plan, runs: Runs) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}  # one model-alone process per (size, batch, compile): fewer starts
+    for spec in plan.throughput:
+        groups.setdefault((spec["size"], spec["batch"], spec["compile"]), []).append(spec)
+    models = {name: figures for specs in groups.values() for name, figures in model_only(plan, specs, runs.out).items()}
     results = []
     for spec in plan.throughput:
-        model = model_only(plan, spec, runs.out)
+        model = models[spec["name"]]
         name = "throughput-" + spec["name"].replace("/", "").replace(" ", "-")
+        objective = spec.get("objective", "classification")
         run = runs.run(name, runs.overrides(name, spec["size"], spec["batch"], spec["steps"], compile=spec["compile"],
-                                            log_every=10 if plan.gpu else 2))
+                                            log_every=10 if plan.gpu else 2, objective=objective))
         rows = [r for r in run["rows"] if r["step"] > spec["after"]]
         trainer = mean([r["samples_per_s"] for r in rows])
-        results.append({"name": spec["name"], "rc": run["rc"], "model_images_per_s": model["images_per_s"],
+        results.append({"name": spec["name"], "objective": objective, "rc": run["rc"],
+                        "model_images_per_s": model["images_per_s"],
                         "model_mfu": model["mfu"], "trainer_images_per_s": trainer,
                         "ratio": trainer / model["images_per_s"] if trainer else None,
                         "data_wait_fraction": mean([r["data_wait_fraction"] for r in rows]),

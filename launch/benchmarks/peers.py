@@ -1,4 +1,5 @@
-"""The peers a user would switch to, built with our weights: transformers' ViTModel and timm's VisionTransformer.
+"""The peers a user would switch to, built with our weights: transformers' ViTModel and timm's VisionTransformer,
+and for pretraining transformers' ViTMAEForPreTraining (mae) and ViTForMaskedImageModeling (simmim).
 
 Both are built from our ModelConfig with random weights (nothing is downloaded) and then given
 *our* model's weights: HuggingFace's ViTModel takes our state dict unchanged (same names); timm's
@@ -14,7 +15,10 @@ from torch import nn
 
 from pipeline.config import ModelConfig
 from pipeline.model import ViTModel
-from pipeline.model.hf import config_to_hf
+from pipeline.model.hf import MIM_EXTRA_FIELDS, config_to_hf
+
+# The HF class of each masked-image objective: the same state dict names as ours.
+HF_PRETRAINING = {"mae": "ViTMAEForPreTraining", "simmim": "ViTForMaskedImageModeling"}
 
 
 def build_ours(cfg: ModelConfig) -> ViTModel:
@@ -30,6 +34,19 @@ def build_hf(cfg: ModelConfig, ours: ViTModel, attn_implementation: str) -> nn.M
                                           if k not in ("architectures", "model_type")})
     hf_config._attn_implementation = attn_implementation
     model = transformers.ViTModel(hf_config, add_pooling_layer=False)
+    model.load_state_dict(ours.state_dict(), strict=True)
+    return model
+
+
+def build_hf_pretraining(objective: str, cfg: ModelConfig, ours: nn.Module, attn_implementation: str) -> nn.Module:
+    """transformers' model of ``objective`` ("mae" or "simmim") with our model's weights (same names)."""
+    import transformers
+
+    architecture = HF_PRETRAINING[objective]
+    fields = {k: v for k, v in config_to_hf(cfg, architecture=architecture).items()
+              if k not in ("architectures", "model_type", *MIM_EXTRA_FIELDS)}  # ours only: SimMIM's mask generator
+    config_class = transformers.ViTMAEConfig if objective == "mae" else transformers.ViTConfig
+    model = getattr(transformers, architecture)(config_class(**fields, attn_implementation=attn_implementation))
     model.load_state_dict(ours.state_dict(), strict=True)
     return model
 

@@ -1,26 +1,35 @@
 """The ``step`` benchmark: one training step through our DeepSpeed engine (ZeRO 0-3, one process)
-against a plain PyTorch AdamW step on the same model, weights and batch.
+against a plain PyTorch AdamW step on the same model, weights and batch, per training objective.
 
 Contenders take turns (interleaved repetitions), medians compared: ``overhead_pct`` =
 (engine / plain - 1) x 100 per ZeRO stage (goal: <= 10%). Both steps do the same work:
-forward, fp32 cross-entropy, backward, gradient clipping, AdamW, LR schedule. In bf16 the plain
-step and ZeRO-0 run autocast over fp32 weights; ZeRO 1-3 run DeepSpeed's bf16 mode (bf16
+forward, the task's fp32 loss, backward, gradient clipping, AdamW, LR schedule. In bf16 the
+plain step and ZeRO-0 run autocast over fp32 weights; ZeRO 1-3 run DeepSpeed's bf16 mode (bf16
 weights and gradients, fp32 master copy in the optimizer), so they do different arithmetic.
+
+``--objectives classification mae simmim`` times the masked-image objectives' steps (the task's
+loss, masks included; MAE with HF's default 8 x 512 decoder) beside classification's, all in the
+same rounds: ``cost_vs_classification`` = a step's median / classification's median of the same
+contender (plain, or ZeRO stage), for the whole step and for its forward+backward alone
+(``fwd_bwd_s``; ``optimizer_s`` is the rest). ``--clock cpu`` times this process's CPU time
+instead of wall time: on a machine with more runnable threads than cores, with one thread.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
 from launch.benchmarks import training_steps
-from launch.benchmarks.common import interleaved, option, set_threads, summarize
+from launch.benchmarks.common import CLOCKS, interleaved, option, set_threads, summarize
 from pipeline.heap import keep_heap
 
+OBJECTIVES = ("classification", "mae", "simmim")
 # 21 rounds: with 7, medians on a 2-core VM did not resolve the 10% line (docs/DECISIONS.md,
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
-                repeats=21, warmup=2, threads=None)
+                repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,35 +41,79 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, help="timed rounds (default 21)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 2)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--objectives", nargs="+", choices=OBJECTIVES,
+                        help="training objectives timed side by side (default classification)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), help="wall (default) or this process's CPU time")
+    parser.add_argument("--plain", type=lambda s: s.lower() in ("1", "true", "yes"),
+                        help="also time the plain AdamW step (default true; false saves its memory)")
+
+
+def contender_name(objective: str, step: str) -> str:
+    return step if objective == "classification" else f"{objective}_{step}"
+
+
+def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, object]]:
+    """name -> (objective, step kind, step function), every objective on its own seeded model."""
+    clock = CLOCKS[opts["clock"]]
+    contenders = {}
+    for objective in opts["objectives"]:
+        def config(stage: int = 0):
+            return training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
+                                               image_size=opts["image_size"], zero_stage=stage, objective=objective)
+
+        images, labels = training_steps.synthetic_batch(config())
+        if opts["plain"]:
+            step = training_steps.plain_step(config(), training_steps.build_seeded_model(config()), images, labels,
+                                             clock=clock)
+            contenders[contender_name(objective, "plain_adamw")] = (objective, "plain_adamw", step)
+        for stage in opts["stages"]:
+            step, _ = training_steps.engine_step(config(stage), training_steps.build_seeded_model(config(stage)),
+                                                 images, labels, clock=clock)
+            contenders[contender_name(objective, f"zero{stage}")] = (objective, f"zero{stage}", step)
+    return contenders
+
+
+def first_losses(contenders: dict) -> dict[str, float]:
+    """Each step's first loss, every one after the same reseed: a synthetic batch's masks come from
+    the default generator, so MAE's and SimMIM's contenders then draw the same masks, and equal
+    losses show that the steps compute the same thing (a check, not a timing)."""
+    losses = {}
+    for name, (_, _, step) in contenders.items():
+        torch.manual_seed(0)
+        losses[name] = round(step(), 4)
+    return losses
 
 
 def run_precision(opts: dict, precision: str) -> dict:
-    base = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
-                                       image_size=opts["image_size"])
-    images, labels = training_steps.synthetic_batch(base)
-    plain = training_steps.plain_step(base, training_steps.build_seeded_model(base), images, labels)
-    contenders = {"plain_adamw": plain}
-    for stage in opts["stages"]:
-        cfg = training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
-                                          image_size=opts["image_size"], zero_stage=stage)
-        step, _ = training_steps.engine_step(cfg, training_steps.build_seeded_model(cfg), images, labels)
-        contenders[f"zero{stage}"] = step
-    # The first losses agree when the steps compute the same thing (a check, not a timing).
-    first_loss = {name: round(fn(), 4) for name, fn in contenders.items()}
-    times = interleaved(contenders, repeats=opts["repeats"], warmup=max(0, opts["warmup"] - 1))
-    stats = {name: summarize(t) for name, t in times.items()}
-    plain = stats["plain_adamw"]["median_s"]
+    contenders = build_contenders(opts, precision)
+    first_loss = first_losses(contenders)
+    times = interleaved({name: c[2] for name, c in contenders.items()}, repeats=opts["repeats"],
+                        warmup=max(0, opts["warmup"] - 1), clock=opts["clock"])
+    stats = {}
+    for name, (objective, kind, step) in contenders.items():
+        s = {"objective": objective, "step": kind, **summarize(times[name]), "first_loss": first_loss[name]}
+        timed = step.phases[-opts["repeats"]:]  # the timed rounds' (forward+backward, optimizer) seconds
+        if timed:
+            s["fwd_bwd_s"] = round(statistics.median(p[0] for p in timed), 4)
+            s["optimizer_s"] = round(statistics.median(p[1] for p in timed), 4)
+        stats[name] = s
     for name, s in stats.items():
-        s["overhead_pct"] = round(100 * (s["median_s"] / plain - 1), 1)
-        s["first_loss"] = first_loss[name]
+        plain = stats.get(contender_name(s["objective"], "plain_adamw"))
+        s["overhead_pct"] = round(100 * (s["median_s"] / plain["median_s"] - 1), 1) if plain else None
+        reference = stats.get(s["step"])  # classification's contender of the same kind
+        if s["objective"] != "classification" and reference:
+            s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
+            if "fwd_bwd_s" in s:
+                s["fwd_bwd_cost_vs_classification"] = round(s["fwd_bwd_s"] / reference["fwd_bwd_s"], 3)
     return stats
 
 
 def run(args: argparse.Namespace | None = None) -> dict:
-    """Step-time medians of the engine per ZeRO stage and of the plain step; overhead in %."""
+    """Step-time medians of the engine per ZeRO stage and of the plain step, per objective; overhead
+    in %, and each masked-image step's cost against classification's."""
     opts = {k: option(args, k, v) for k, v in DEFAULTS.items()}
     threads = set_threads(opts["threads"])
-    keep_heap()  # as the trainer does on CPU (pipeline/heap.py): both contenders get it
+    keep_heap()  # as the trainer does on CPU (pipeline/heap.py): every contender gets it
     created = training_steps.single_process_group()
     result = {"settings": {**opts, "threads": threads}, "precisions": {}, "rows": []}
     try:
@@ -72,11 +125,20 @@ def run(args: argparse.Namespace | None = None) -> dict:
             destroy_process_group(clean=False)
     for precision, stats in stats_by_precision.items():
         result["precisions"][precision] = stats
-        for name, s in stats.items():
-            result["rows"].append({"precision": precision, "step": name, "median_s": s["median_s"],
-                                   "min_s": s["min_s"], "max_s": s["max_s"], "overhead_%": s["overhead_pct"],
+        for s in stats.values():
+            result["rows"].append({"precision": precision, "objective": s["objective"], "step": s["step"],
+                                   "median_s": s["median_s"], "min_s": s["min_s"], "max_s": s["max_s"],
+                                   "fwd_bwd_s": s.get("fwd_bwd_s"), "optimizer_s": s.get("optimizer_s"),
+                                   "overhead_%": s["overhead_pct"],
+                                   "vs_classification": s.get("cost_vs_classification"),
+                                   "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
                                    "first_loss": s["first_loss"]})
-    overheads = [s["overhead_pct"] for p in result["precisions"].values() for n, s in p.items() if n != "plain_adamw"]
+    overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
+                 if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,
                          "goal_overhead_le_10pct_met": bool(overheads) and max(overheads) <= 10.0}
+    for precision, stats in result["precisions"].items():
+        for name, s in stats.items():
+            if "cost_vs_classification" in s:
+                result["summary"][f"{precision} {name} cost_vs_classification"] = s["cost_vs_classification"]
     return result

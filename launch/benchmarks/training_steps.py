@@ -1,8 +1,10 @@
 """Training steps the suites time: a plain PyTorch AdamW step, and the trainer's own through DeepSpeed.
 
 Both compute the task's loss (``pipeline.tasks``: fp32 cross-entropy with label smoothing for
-classification); the plain one does backward, clipping, AdamW and the LR schedule by hand, the
-other is ``pipeline.train_step.TrainStep``, the very step the trainer runs.
+classification, the masked-pixel loss of MAE or SimMIM for ``train.objective=mae|simmim``); the
+plain one does backward, clipping, AdamW and the LR schedule by hand, the other is
+``pipeline.train_step.TrainStep``, the very step the trainer runs. With a ``clock``, each step
+also records the seconds of its two phases, forward+backward and the optimizer (``step.phases``).
 """
 from __future__ import annotations
 
@@ -19,14 +21,22 @@ from pipeline.tasks import build_task
 
 
 def train_config(size: str, *, batch_size: int, precision: str, zero_stage: int = 0, image_size: int | None = None,
-                 activation_checkpointing: str = "none", extra: list[str] | None = None) -> Config:
-    """A full Config for a benchmark step (the model of ``size``, at ``image_size`` if given)."""
+                 activation_checkpointing: str = "none", objective: str = "classification",
+                 extra: list[str] | None = None) -> Config:
+    """A full Config for a benchmark step (the model of ``size``, at ``image_size`` if given; MAE's
+    decoder and SimMIM's masks at their defaults: HF's 8 x 512 decoder, mask ratios 0.75 and 0.6)."""
     image = [f"model.image_size={image_size}"] if image_size else []  # else the size's own (224, tiny 16)
+    if objective == "simmim":  # decoder stride = the patch; the paper's 32-pixel blocks where they tile
+        model = load_config(None, [f"model.size={size}", *image]).model
+        patch = model.patch_hw[0]
+        image.append(f"model.encoder_stride={patch}")
+        if 32 % patch or any(side % 32 for side in model.image_hw):
+            image.append(f"model.mask_patch_size={patch}")
     return load_config(None, [f"model.size={size}", *image,
                               f"model.activation_checkpointing={activation_checkpointing}",
                               f"data.batch_size={batch_size}", f"train.precision={precision}",
-                              f"train.zero_stage={zero_stage}", "optim.warmup_steps=0",
-                              "train.progress_bar=false", *(extra or [])])
+                              f"train.zero_stage={zero_stage}", f"train.objective={objective}",
+                              "optim.warmup_steps=0", "train.progress_bar=false", *(extra or [])])
 
 
 def synthetic_batch(cfg: Config, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +52,8 @@ def build_seeded_model(cfg: Config, seed: int = 0) -> torch.nn.Module:
     return build_task(cfg).build_model(cfg.model)
 
 
-def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor,
-               labels: torch.Tensor) -> Callable[[], float]:
+def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+               *, clock: Callable[[], float] | None = None) -> Callable[[], float]:
     """A plain PyTorch step: autocast forward (bf16), backward, clip, torch AdamW, LR schedule."""
     from pipeline.optim import build_optimizer, build_scheduler
 
@@ -54,20 +64,46 @@ def plain_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor,
 
     task = build_task(cfg)
     batch = {"image": images, "label": labels}
+    phases = Phases(clock)
 
     def step() -> float:
+        phases.start()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
             loss = task.loss(model, batch)  # the trainer's loss, without DeepSpeed around it
         loss.backward()
+        phases.split()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        phases.stop()
         return loss.item()
 
     step.optimizer = optimizer  # type: ignore[attr-defined]
+    step.phases = phases.seconds  # type: ignore[attr-defined]
     return step
+
+
+class Phases:
+    """(forward+backward, optimizer) seconds of each step by ``clock``; nothing without one."""
+
+    def __init__(self, clock: Callable[[], float] | None):
+        self.clock, self.seconds = clock, []
+        self.marks: list[float] = []
+
+    def start(self) -> None:
+        if self.clock:
+            self.marks = [self.clock()]
+
+    def split(self) -> None:
+        if self.clock:
+            self.marks.append(self.clock())
+
+    def stop(self) -> None:
+        if self.clock:
+            start, middle, end = *self.marks, self.clock()
+            self.seconds.append((middle - start, end - middle))
 
 
 def quiet_deepspeed() -> None:
@@ -96,7 +132,7 @@ def single_process_group() -> bool:
 
 
 def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                *, world_size: int = 1):
+                *, world_size: int = 1, clock: Callable[[], float] | None = None):
     """The trainer's own step (``TrainStep``) through our DeepSpeed engine; returns (step, engine).
 
     ``step(after_backward)`` calls ``after_backward()`` between the backward pass and the
@@ -115,16 +151,21 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
     engine.train()
     train_step = TrainStep(engine, build_task(cfg), cfg, torch.device("cpu"))
     batch = {"image": images.to(engine_dtype(cfg.train)), "label": labels}
+    phases = Phases(clock)
 
     def step(after_backward: Callable[[], None] | None = None) -> float:
         F.linear = engine_linear
         try:
+            phases.start()
             loss = train_step.micro(batch)
+            phases.split()
             if after_backward is not None:  # e.g. to count memory while the gradients exist
                 after_backward()
             train_step.step()
+            phases.stop()
             return loss.item()
         finally:
             F.linear = torch_linear
 
+    step.phases = phases.seconds  # type: ignore[attr-defined]
     return step, engine
