@@ -4,7 +4,7 @@ The result (`config.json` with the dataset's class names, `model.safetensors` in
 `preprocessor_config.json` with the run's evaluation transform) loads with
 `transformers.pipeline("image-classification", model=DIR)`, with
 `transformers.ViTForImageClassification.from_pretrained(DIR)` and with `pipeline.model.from_pretrained`.
-A model trained on one channel is exported taking RGB (see pipeline/export_meta.py) unless
+A model trained on one channel is exported taking RGB (see pipeline/checkpoint/export_meta.py) unless
 `--one-channel`. A checkpoint of `train.objective=mae` or `simmim` exports as the model it trained,
 for `transformers.ViTMAEForPreTraining` or `transformers.ViTForMaskedImageModeling`; with
 `--encoder-only`, any checkpoint's encoder alone, for fine-tuning: a `transformers.ViTModel` (no
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.export import export_checkpoint
+    from pipeline.checkpoint.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel,

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before anything slow (imports, the process group, loading a checkpoint): from here on a
     # stop signal only sets a flag, and the run saves and exits 75 (130 for Ctrl-C) instead of dying.
-    from pipeline.preemption import EXIT_PREEMPTED, StopFlag
+    from pipeline.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopFlag
 
     stop_flag = StopFlag().install()
     from pipeline.errors import UserError, one_line
@@ -79,15 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             stop_flag.exit_status_path = status_path
         with stop_flag.ending_the_wait("waiting for the other ranks"):
             init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
-        code = train(cfg, env, stop_flag)
-        if code == EXIT_PREEMPTED:  # the trainer's "stopped after saving": 130 when it was Ctrl-C
-            code = stop_flag.exit_code
+        code = train(cfg, env, stop_flag)  # 75 or 130 after a stop: agreed by all ranks
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
         code = report_failure(error, rank=env.rank, world_size=env.world_size, output_dir=cfg.train.output_dir)
     finally:
         if env.is_main:
             write_exit_status(status_path, code)
-        destroy_process_group(clean=code in (0, EXIT_PREEMPTED, stop_flag.exit_code))
+        destroy_process_group(clean=code in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED))
     return code
 
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from pipeline.checkpoint import CheckpointError, ResumePlan, read_marker
 from pipeline.config import ConfigError
-from pipeline.export import consolidated_state_dict, encoder_keys, find_checkpoint
+from pipeline.checkpoint.export import consolidated_state_dict, encoder_keys
+from pipeline.checkpoint.store import find_checkpoint
 from pipeline.model.hf import CONFIG_NAME, from_pretrained
 from pipeline.tasks import Task
 
@@ -49,7 +50,7 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Tensor], str]:
         except (ValueError, ConfigError, OSError) as error:
             raise CheckpointError(f"train.init_from={path}: {' '.join(str(error).split())}") from None
         return encoder_keys(model.state_dict()), f"HF directory {path} ({type(model).__name__})"
-    tag_dir = find_checkpoint(path)
+    tag_dir = find_checkpoint(path, what="train.init_from")
     marker = read_marker(tag_dir)
     state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))
     return encoder_keys(state), f"{tag_dir} ({marker.get('task', 'classification')}, step {marker.get('step')})"

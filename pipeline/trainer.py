@@ -169,13 +169,13 @@ class Trainer:
                 compile_reported = True
             if self.ledger is not None:
                 self.ledger.write(self.step, keys)
-            agreed = self.agreement.post(stop=self.stop_flag.requested, skipped=skipped)
+            agreed = self.agreement.post(stop_code=self.stop_flag.exit_code if self.stop_flag.requested else 0,
+                                          skipped=skipped)
             evaluates = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0
             saves = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
             logs = self.step % cfg.train.log_every == 0 or self.step == max_steps
             if logs or evaluates or saves or agreed.stop:  # steps that read the device anyway: exact counts
-                now = self.agreement.collect()
-                agreed.stop, agreed.skipped = agreed.stop or now.stop, agreed.skipped + now.skipped
+                agreed = agreed.merge(self.agreement.collect())
             self.data_skipped += agreed.skipped
             if logs:
                 self._log_train(writer, progress, window, batch["epoch"])
@@ -185,10 +185,9 @@ class Trainer:
                 break  # a stop signal at the last step: just finish (exit 0)
             if agreed.stop:
                 self.save()  # first: the time between the warning and the kill is short
-                code = self.stop_flag.exit_code
                 log.warning("stopped by %s at step %d; checkpoint saved, exiting %d", self.stop_flag.signal_name
-                            or "a signal on another rank", self.step, code)
-                return code
+                            or "a signal on another rank", self.step, agreed.stop_code)
+                return agreed.stop_code  # agreed: a Ctrl-C on one rank makes every rank exit 130
             if evaluates:
                 self.evaluate(writer)
             if saves:

@@ -17,7 +17,7 @@ import checkpoint_runs as runs
 from conftest import ROOT, run_env
 from pipeline.checkpoint import read_marker
 from pipeline.config import ModelConfig, load_config
-from pipeline.export import consolidated_state_dict, find_checkpoint
+from pipeline.checkpoint.export import consolidated_state_dict, find_checkpoint
 from pipeline.model import build_model
 
 

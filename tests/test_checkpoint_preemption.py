@@ -43,4 +43,5 @@ def test_the_rerun_finishes_with_every_step_once(pair):
     assert (pair.interrupted / "exit_status").read_text().strip() == "0"
     for rank in (0, 1):
         assert [line["step"] for line in runs.ledger_lines(pair.interrupted, rank)] == list(range(1, runs.STEPS + 1))
-    assert sorted(runs.train_rows(pair.interrupted)) == list(range(1, runs.STEPS + 1))
+    logged = [step for step in range(1, runs.STEPS + 1) if step % 3 == 0 or step == runs.STEPS]  # SLOW_SAVE logs every 3
+    assert sorted(runs.train_rows(pair.interrupted)) == logged

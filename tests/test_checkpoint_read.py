@@ -1,4 +1,4 @@
-"""The faster checkpoint reads (pipeline/checkpoint_read.py): the same objects as torch.load, no
+"""The faster checkpoint reads (pipeline/checkpoint/read.py): the same objects as torch.load, no
 tensor left on the file's mapping, shared storages still shared, and DeepSpeed's second read of a
 model-states file served from its first. The resume tests check the same through whole runs."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-from pipeline.checkpoint_read import faster_reads, read
+from pipeline.checkpoint.read import faster_reads, read
 
 
 class Holder:  # a plain object with a tensor inside, as DeepSpeed's pickled objects may hold

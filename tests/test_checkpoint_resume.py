@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import checkpoint_runs as runs
 from pipeline.checkpoint import COMPLETE
-from pipeline.export import export_checkpoint
+from pipeline.checkpoint.export import export_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,9 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
+import subprocess
 import time
 import zipfile
 from pathlib import Path
@@ -17,9 +19,13 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint import saving as checkpoint_saving
+from pipeline.tasks import ClassificationTask
 from pipeline.checkpoint import COMPLETE, CheckpointError
 from pipeline.config import ModelConfig
 from pipeline.preemption import StopFlag
+
+SHAPE = ClassificationTask.shape_fields  # what the classification task's checkpoints must match
 
 MODEL = {"size": "tiny", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "intermediate_size": 256, "image_size": 16, "patch_size": 4, "num_channels": 1, "num_labels": 10,
@@ -123,7 +129,7 @@ def test_latest_pointer_is_replaced_atomically(tmp_path, monkeypatch):
 def test_an_interrupted_removal_leaves_an_incomplete_dir_not_a_broken_complete_one(tmp_path, monkeypatch):
     root = tmp_path / "checkpoints"
     old, new = make(root, 1), make(root, 2)
-    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda *a, **k: None)  # killed before any file went
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # killed before any file went
     ckpt.prune(root, keep_last=1)
     assert old.is_dir() and not (old / COMPLETE).exists()
     assert ckpt.complete_checkpoints(root) == [new]
@@ -133,7 +139,7 @@ def test_plan_refuses_another_model_shape_naming_every_field(tmp_path):
     tag = make(tmp_path, 5)
     other = {**MODEL, "hidden_size": 128, "num_labels": 100}
     with pytest.raises(CheckpointError) as error:
-        ckpt.plan_resume(tag, model_config=other, zero_stage=2, world_size=2)
+        ckpt.plan_resume(tag, model_config=other, zero_stage=2, world_size=2, shape_fields=SHAPE)
     message = str(error.value)
     assert "model.hidden_size (checkpoint 64, config 128)" in message
     assert "model.num_labels (checkpoint 10, config 100)" in message
@@ -144,19 +150,20 @@ def test_plan_allows_non_shape_changes_and_says_so(tmp_path, caplog):
     tag = make(tmp_path, 5)
     changed = {**MODEL, "hidden_dropout_prob": 0.1, "activation_checkpointing": "all", "hidden_act": "relu"}
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
-        plan = ckpt.plan_resume(tag, model_config=changed, zero_stage=2, world_size=2)
+        plan = ckpt.plan_resume(tag, model_config=changed, zero_stage=2, world_size=2, shape_fields=SHAPE)
     assert plan.step == 5 and not plan.universal
     assert "hidden_act 'gelu' -> 'relu'" in caplog.text and "dropout" not in caplog.text
 
 
 def test_plan_uses_universal_only_when_zero_shards_change(tmp_path):
     assert ckpt.plan_resume(make(tmp_path / "a", 5, world_size=2), model_config=MODEL, zero_stage=2,
-                            world_size=1).universal
+                            world_size=1, shape_fields=SHAPE).universal
     assert not ckpt.plan_resume(make(tmp_path / "b", 5, world_size=2, stage=0), model_config=MODEL, zero_stage=0,
-                                world_size=1).universal  # ZeRO-0: every rank holds everything
+                                world_size=1, shape_fields=SHAPE).universal  # ZeRO-0: each rank holds all
     with pytest.raises(CheckpointError, match="train.zero_stage=2"):
-        ckpt.plan_resume(make(tmp_path / "c", 5, stage=2), model_config=MODEL, zero_stage=3, world_size=2)
-    assert ckpt.plan_resume(None, model_config=MODEL, zero_stage=2, world_size=2) is None
+        ckpt.plan_resume(make(tmp_path / "c", 5, stage=2), model_config=MODEL, zero_stage=3, world_size=2,
+                         shape_fields=SHAPE)
+    assert ckpt.plan_resume(None, model_config=MODEL, zero_stage=2, world_size=2, shape_fields=SHAPE) is None
 
 
 class FakeEngine:
@@ -245,14 +252,14 @@ def test_universal_conversion_is_reused_only_for_the_same_save(tmp_path, monkeyp
     target = ckpt.universal_dir(source, root)
     target.mkdir()
     (target / COMPLETE).write_text((source / COMPLETE).read_text())
-    monkeypatch.setattr(ckpt.subprocess, "run", lambda *a, **k: pytest.fail("converted again"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("converted again"))
     assert ckpt.convert_to_universal(source, root) == target
     ckpt.write_marker(source, {"step": 4, "world_size": 2})  # step-4 was saved anew since
 
     class Failed:
         returncode, stderr = 1, "Traceback...\nValueError: boom"
 
-    monkeypatch.setattr(ckpt.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(CheckpointError, match="ValueError: boom"):
         ckpt.convert_to_universal(source, root)
     assert not target.exists()  # the stale conversion is gone, not reused
@@ -287,7 +294,7 @@ class Payload:
 
 
 def test_export_reads_shards_as_weights_only(tmp_path):
-    from pipeline.export import consolidated_state_dict
+    from pipeline.checkpoint.export import consolidated_state_dict
 
     tag = tmp_path / "step-1"
     tag.mkdir()
@@ -301,11 +308,15 @@ def test_export_reads_shards_as_weights_only(tmp_path):
 
 
 def test_model_config_fields_are_all_known_to_the_resume_check():
-    """A new ModelConfig field must be classified: shape (refused on change) or not."""
+    """A new ModelConfig field must be classified: a shape field of some task (refused on change),
+    free to change, or one whose change is logged on resume."""
+    from pipeline.tasks import ClassificationTask, MAETask, SimMIMTask
+
     fields = set(ModelConfig.__dataclass_fields__)
-    classified = set(ckpt.SHAPE_FIELDS) | set(ckpt.FREE_FIELDS) | {"hidden_act", "initializer_range",
-                                                                     "layer_norm_eps", "encoder_stride",
-                                                                     "pooler_act"}
+    shape = set().union(*(task.shape_fields for task in (ClassificationTask, MAETask, SimMIMTask)))
+    logged = {"hidden_act", "initializer_range", "layer_norm_eps", "encoder_stride", "pooler_act", "mask_ratio",
+              "norm_pix_loss", "mask_patch_size", "simmim_mask_ratio"}
+    classified = shape | set(ckpt.FREE_FIELDS) | logged
     assert fields == classified, fields ^ classified
 
 
@@ -313,7 +324,7 @@ def test_saves_skip_the_crc32_that_torch_load_never_checks(tmp_path):
     from torch.utils.serialization import config
 
     tensor = torch.arange(1000, dtype=torch.float32)
-    with ckpt._without_crc32():
+    with checkpoint_saving._without_crc32():
         assert config.save.compute_crc32 is False
         torch.save({"t": tensor}, tmp_path / "fast.pt")
     assert config.save.compute_crc32 is True  # restored for everyone else
@@ -338,7 +349,7 @@ def test_old_checkpoints_go_in_the_background_never_during_a_save(tmp_path, no_d
             events.append("save writes")
             super().save_checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "prune", slow_prune)
+    monkeypatch.setattr(checkpoint_saving, "prune", slow_prune)
     engine = RecordingEngine()
     for step in (1, 2, 3):
         save(engine, tmp_path, step)  # keep_last=2

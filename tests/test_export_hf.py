@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import shard_overrides
 from pipeline.config import load_config
 from pipeline.data import build_eval_loader
-from pipeline.export_meta import export_model, image_processor_config
+from pipeline.checkpoint.export_meta import export_model, image_processor_config
 from pipeline.model import build_model, config_to_hf
 
 SMALL = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model.num_hidden_layers=1",

@@ -13,7 +13,7 @@ import transformers
 
 import masked_runs as runs
 from conftest import ROOT
-from pipeline.export import trained_model
+from pipeline.checkpoint.export import trained_model
 from pipeline.model import mae_noise, simmim_mask
 
 sys.path.insert(0, str(ROOT / "launch"))

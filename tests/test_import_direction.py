@@ -38,10 +38,9 @@ FLOORS: dict[int, tuple[str, ...]] = {
         "pipeline.preemption"),
     1: ("pipeline.config",),
     2: ("pipeline.model", "pipeline.data", "pipeline.optim", "pipeline.rng", "pipeline.compiling"),
-    3: ("pipeline.distributed", "pipeline.checkpoint", "pipeline.checkpoint_read", "pipeline.export",
-        "pipeline.export_meta", "pipeline.metrics", "pipeline.preflight", "pipeline.validate"),
+    3: ("pipeline.distributed", "pipeline.checkpoint", "pipeline.metrics", "pipeline.validate"),
     4: ("pipeline.tasks", "pipeline.trainer", "pipeline.train_step", "pipeline.train_metrics",
-        "pipeline.evaluation", "pipeline.probe", "pipeline.init_from"),
+        "pipeline.evaluation", "pipeline.probe", "pipeline.init_from", "pipeline.preflight"),
     5: ("launch",),
 }
 SIBLINGS_FLOOR = 2  # its units import none of each other
@@ -191,7 +190,7 @@ def test_layer_checker_catches_upward_imports(module, source):
 
 @pytest.mark.parametrize("module, source", [
     ("pipeline.data.worker", "from pipeline.heap import keep_heap"),
-    ("pipeline.checkpoint", "from pipeline.checkpoint_read import faster_reads\nimport torch.distributed"),
+    ("pipeline.checkpoint.resume", "from pipeline.checkpoint.read import faster_reads\nimport torch.distributed"),
     ("pipeline.trainer", "from pipeline import checkpoint\nfrom pipeline.tasks import build_task"),
     ("pipeline.tasks.masked", "from pipeline.data.partition import mix_seed"),
     ("launch.pretrain", "from pipeline.trainer import train"),

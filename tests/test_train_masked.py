@@ -15,7 +15,7 @@ import masked_runs as runs
 from checkpoint_runs import ledger_lines, train_rows
 from pipeline.checkpoint import read_marker
 from pipeline.config import load_config
-from pipeline.export import consolidated_state_dict
+from pipeline.checkpoint.export import consolidated_state_dict
 from pipeline.init_from import encoder_keys, load_encoder
 from pipeline.model import ViTForImageClassification, ViTMAEForPreTraining, ViTModel
 

@@ -143,7 +143,7 @@ FP32_GRADIENT_SUMS = ("train.precision=bf16", "train.grad_accum_steps=2", "deeps
 @pytest.mark.parametrize("stage, overrides", [(0, ()), (2, ()), (3, ()),
                                               (1, FP32_GRADIENT_SUMS), (2, FP32_GRADIENT_SUMS), (3, FP32_GRADIENT_SUMS)])
 def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_path, stage, overrides):
-    """Loads read through a mapping of the files (pipeline/checkpoint_read.py). Afterwards the engine
+    """Loads read through a mapping of the files (pipeline/checkpoint/read.py). Afterwards the engine
     holds what was saved, and no tensor still maps a checkpoint file: pruning one frees its disk."""
     from pathlib import Path
 
@@ -160,7 +160,8 @@ def test_a_loaded_checkpoint_leaves_nothing_on_its_files(one_rank_group, tmp_pat
     tag_dir = checkpoint.save(saved, output_dir=tmp_path, step=2, client_state={"rng": rng}, marker_info=marker,
                               keep_last=1, rank=0)
     checkpoint.wait_for_prune()
-    plan = checkpoint.plan_resume(tag_dir, model_config=cfg.model.__dict__, zero_stage=stage, world_size=1)
+    plan = checkpoint.plan_resume(tag_dir, model_config=cfg.model.__dict__, zero_stage=stage, world_size=1,
+                                  shape_fields=ClassificationTask.shape_fields)
 
     loaded = make_engine(cfg)
     client_state = checkpoint.load(loaded, plan, output_dir=tmp_path)

@@ -110,6 +110,7 @@ def worker(opts: argparse.Namespace) -> None:
     import torch.distributed as dist
 
     from pipeline import checkpoint
+    from pipeline.tasks import ClassificationTask
     from pipeline.config import load_config
     from pipeline.distributed.engine import build_engine, init_process_group
     from pipeline.distributed.env import resolve_env
@@ -148,7 +149,7 @@ def worker(opts: argparse.Namespace) -> None:
     files = _dir_bytes(tag_dir)
     total = sum(files.values())
     plan = checkpoint.plan_resume(tag_dir, model_config=cfg.model.__dict__, zero_stage=cfg.train.zero_stage,
-                                  world_size=env.world_size)
+                                  world_size=env.world_size, shape_fields=ClassificationTask.shape_fields)
     loads_cold, loads_warm = [], []
     for _ in range(opts.repeats):
         _drop_cache(tag_dir)

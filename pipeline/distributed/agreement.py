@@ -17,32 +17,43 @@ import torch.distributed as dist
 
 @dataclass
 class Agreed:
-    """Summed over the ranks: any rank asked to stop, and how many bad samples all ranks skipped."""
+    """Over the ranks: the stop's exit code (the highest any rank asked for: 130 for Ctrl-C beats
+    75, so that every rank exits as the user's Ctrl-C says; 0 for no stop), and how many bad
+    samples all ranks skipped."""
 
-    stop: bool = False
+    stop_code: int = 0
     skipped: int = 0
+
+    @property
+    def stop(self) -> bool:
+        return self.stop_code > 0
+
+    def merge(self, later: Agreed) -> Agreed:
+        return Agreed(stop_code=max(self.stop_code, later.stop_code), skipped=self.skipped + later.skipped)
 
 
 class StepAgreement:
     def __init__(self) -> None:
         # A group of its own: these all-reduces stay on the host (gloo) whatever the training backend.
         self.group = dist.new_group(backend="gloo")
-        self._pending: tuple[dist.Work, torch.Tensor] | None = None
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
 
-    def post(self, *, stop: bool, skipped: int) -> Agreed:
-        """Post this step's flags; returns what was agreed for the previous post (or nothing yet)."""
-        flags = torch.tensor([float(stop), float(skipped)], dtype=torch.float64, device="cpu")
-        work = dist.all_reduce(flags, group=self.group, async_op=True)
+    def post(self, *, stop_code: int, skipped: int) -> Agreed:
+        """Post this step's flags (``stop_code`` 0 when this rank was not asked to stop); returns what
+        was agreed for the previous post (or nothing yet)."""
         agreed = self.collect()
-        self._pending = (work, flags)
+        code = torch.tensor([stop_code], dtype=torch.int64, device="cpu")
+        count = torch.tensor([skipped], dtype=torch.int64, device="cpu")
+        self._pending = [(dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self.group, async_op=True), code),
+                         (dist.all_reduce(count, group=self.group, async_op=True), count)]
         return agreed
 
     def collect(self) -> Agreed:
         """Wait for the posted flags (every rank must call this at the same step)."""
-        if self._pending is None:
+        if not self._pending:
             return Agreed()
-        work, flags = self._pending
-        self._pending = None
-        work.wait()
-        stop, skipped = flags.tolist()
-        return Agreed(stop=stop > 0, skipped=int(skipped))
+        for work, _ in self._pending:
+            work.wait()
+        (_, code), (_, count) = self._pending
+        self._pending = []
+        return Agreed(stop_code=int(code.item()), skipped=int(count.item()))

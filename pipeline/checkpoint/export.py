@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import CheckpointError, complete_checkpoints, read_marker, step_of
+from pipeline.checkpoint.store import CheckpointError, find_checkpoint, read_marker
 from pipeline.config import ModelConfig
-from pipeline.export_meta import ExportError, check_out_dir, export_model, run_config
+from pipeline.checkpoint.export_meta import ExportError, check_out_dir, export_model, run_config
 from pipeline.model import ViTForImageClassification, ViTModel
 from pipeline.model.hf import ARCHITECTURES
 
@@ -78,20 +78,6 @@ def load_weights_only(path: Path) -> dict:
         raise CheckpointError(f"'{path}' cannot be read as weights only ({first}); it holds objects this "
                               "exporter does not know: was it written by this pipeline?") from None
 
-
-def find_checkpoint(path: str | Path) -> Path:
-    """A step-N directory as given, or the newest complete one of a run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"'{path}' does not exist; give a run's output_dir or one of its checkpoints/step-N")
-    if step_of(path) is not None:
-        read_marker(path)
-        return path
-    root = path if path.name == "checkpoints" else path / "checkpoints"
-    found = complete_checkpoints(root)
-    if not found:
-        raise CheckpointError(f"no complete checkpoint under '{root}'; train first or give a step-N directory")
-    return found[-1]
 
 
 def _natural(path: Path) -> list:
