@@ -19,6 +19,18 @@ TINY = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model
         "optim.warmup_steps=0", "optim.lr=2e-3"]
 
 
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A trainer run in-process ends by ignoring stop signals (as its process is about to exit);
+    the next test, and Ctrl-C on pytest, get the handlers back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
