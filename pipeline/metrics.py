@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.storage import writing
+from pipeline.storage import keep_rows_up_to, writing
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,8 @@ class JsonlWriter:
         self.path = path
         with writing("metrics", path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and path.is_file():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and _row_step(line) <= resume_step]
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                tmp.replace(path)
+            if resume_step is not None:
+                keep_rows_up_to(path, resume_step)
             self._file = path.open("a", buffering=1)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
@@ -53,13 +49,6 @@ class JsonlWriter:
     def close(self) -> None:
         with writing("metrics", self.path):
             self._file.close()
-
-
-def _row_step(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return sys.maxsize  # a torn last line of a killed run: dropped
 
 
 class TensorBoardWriter:

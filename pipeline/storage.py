@@ -9,6 +9,7 @@ bug is never reported as a full disk. Standard library only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from pathlib import Path
@@ -86,3 +87,23 @@ def rewrite_small_file(path: Path, text: str) -> None:
         os.ftruncate(fd, len(data))
     finally:
         os.close(fd)
+
+
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the lines of a JSON-lines file (metrics, ledger) whose ``step`` is after ``step``, and
+    any torn last line: a resumed run writes those steps again (the interrupted run wrote them
+    after its last checkpoint). Atomic: the old file stays whole until the new one replaces it."""
+    path = Path(path)
+    if not path.is_file():
+        return
+
+    def row_step(line: str) -> float:
+        try:
+            return int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            return float("inf")  # a torn line of a killed run: dropped
+
+    kept = [line for line in path.read_text().splitlines() if line.strip() and row_step(line) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

@@ -6,10 +6,9 @@ it anyone can check coverage, duplicates and resumes without trusting the loader
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from pipeline.storage import writing
+from pipeline.storage import keep_rows_up_to, writing
 
 
 class LedgerWriter:
@@ -24,12 +23,8 @@ class LedgerWriter:
         self.path = Path(output_dir) / "ledger" / f"rank{rank}.jsonl"
         with writing("the sample ledger", self.path):
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if resume_step is not None and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= resume_step]
-                tmp = self.path.with_suffix(".jsonl.tmp")
-                tmp.write_text("".join(line + "\n" for line in kept))
-                os.replace(tmp, self.path)
+            if resume_step is not None:
+                keep_rows_up_to(self.path, resume_step)
             self._file = open(self.path, "a", buffering=1)  # line-buffered
 
     def write(self, step: int, keys: list[str]) -> None:
