@@ -4,7 +4,8 @@
 ``LedgerWriter`` records the keys of every step; ``write_shards`` (shards.py) makes shards.
 """
 from .ledger import LedgerWriter, read_ledger
-from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader
+from .eval_loader import EvalLoader, build_eval_loader
+from .loader import TrainLoader, build_train_loader
 from .errors import DataError
 
 __all__ = ["DataError", "EvalLoader", "LedgerWriter", "TrainLoader", "build_eval_loader", "build_train_loader",

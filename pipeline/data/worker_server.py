@@ -9,7 +9,7 @@ main thread started it, at once through the parent-death signal.
 """
 import os
 
-from pipeline.data import loader  # noqa: F401  (the modules the workers run)
+from pipeline.data import eval_loader, loader  # noqa: F401  (the modules the workers run)
 from pipeline.data.worker import SERVER_PARENT_VAR, ignore_stop_signals
 from pipeline.lifetime import die_with_parent
 
