@@ -119,6 +119,9 @@ def recompute_first_loss(source: Path, out: Path, keys: list[str]) -> float:
     batch = next(iter(loader))
     loader.close()
     assert list(batch["key"]) == keys
+    from pipeline.data.device_feed import Normalize
+
+    images = Normalize(cfg.data.mean, cfg.data.std, cfg.model.num_channels)(batch["image"])  # as the trainer does
     with torch.no_grad():
-        logits = model(batch["image"]).logits
+        logits = model(images).logits
     return F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.train.label_smoothing).item()
