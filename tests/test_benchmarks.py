@@ -75,7 +75,8 @@ def test_model_suite_ratios(tmp_path):
 def test_step_suite_overhead(tmp_path):
     result = bench(tmp_path, "step", "--size", "tiny", "--batch-size", "2", "--stages", "0", "3", "--repeats", "1",
                    "--warmup", "1", "--precisions", "fp32", "--threads", "1", "--objectives", "classification", "mae",
-                   "simmim", "--clock", "cpu", subprocess_=True)
+                   "simmim", "--clock", "cpu", "--overrides", "model.decoder_hidden_size=64",
+                   "model.decoder_intermediate_size=256", subprocess_=True)  # HF's 512-wide decoder: 25x tiny
     stats = result["precisions"]["fp32"]
     steps = ("plain_adamw", "zero0", "zero3")
     assert set(stats) == {*steps, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}

@@ -28,7 +28,7 @@ from pipeline.compiling import compile_layers
 
 DEFAULTS = dict(sizes=["L/16", "B/16"], checkpointing=["none", "all"], compile=["off", "on"], steps=10, warmup=3,
                 batch_size=None, max_batch=2048, memory_fraction=0.9, budget_s=420.0, device="cuda",
-                mm_size=8192, compile_scope="layer", weights="fp32", objectives=["classification"])
+                mm_size=8192, compile_scope="layer", weights="fp32", objectives=["classification"], overrides=[])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "autocast (the forward/backward of DeepSpeed's bf16 mode at ZeRO >= 1)")
     parser.add_argument("--objectives", nargs="+", choices=["classification", "mae", "simmim"],
                         help="training objectives (default classification)")
+    parser.add_argument("--overrides", nargs="+", metavar="KEY=VALUE",
+                        help="config overrides for every configuration, as the trainer takes them "
+                             "(e.g. model.decoder_hidden_size=64, so a trainer run can be matched)")
 
 
 def log(message: str) -> None:
@@ -65,12 +68,12 @@ def sdpa_flash():
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
-def run_config_of(size: str, checkpointing: str, objective: str):
+def run_config_of(size: str, checkpointing: str, objective: str, overrides: list[str] = ()):
     """The Config of a step of ``objective`` on the model of ``size`` (the task's own fields set)."""
     from launch.benchmarks.training_steps import train_config
 
     return train_config(size, batch_size=1, precision="bf16", activation_checkpointing=checkpointing,
-                        objective=objective)
+                        objective=objective, extra=list(overrides))
 
 
 class Trainee:
@@ -187,7 +190,7 @@ def time_steps(trainee: Trainee, batch: int, opts: dict) -> dict:
 
 def run_config(size: str, checkpointing: str, compiled: bool, opts: dict, device: torch.device, peak: float,
                objective: str = "classification") -> dict:
-    run_cfg = run_config_of(size, checkpointing, objective)
+    run_cfg = run_config_of(size, checkpointing, objective, opts["overrides"])
     trainee = Trainee(run_cfg, device, compiled, opts["compile_scope"], opts["weights"])
     row: dict = {"objective": objective, "size": size, "checkpointing": checkpointing,
                  "compile": opts["compile_scope"] if compiled else False, "weights": opts["weights"]}
