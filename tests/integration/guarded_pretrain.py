@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 # (torch.*_like functions are left out: they take their input's device)

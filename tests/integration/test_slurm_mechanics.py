@@ -1,6 +1,6 @@
 """Signal timing in the sbatch scripts, on the real two-node Slurm cluster, with a stand-in trainer.
 
-tests/slurm_fake_trainer.py keeps launch/pretrain.py's contract with the scripts (environment,
+tests/integration/slurm_fake_trainer.py keeps launch/pretrain.py's contract with the scripts (environment,
 checkpoint on SIGUSR1/SIGTERM then exit 75, resume) and starts in a second, which is what these
 cases need: a signal that comes before the trainer can catch it, and Slurm's own time-limit
 warning. What the real trainer does under Slurm is in test_slurm.py.
@@ -15,7 +15,7 @@ import pytest
 
 from slurm_cluster import slurm_cluster  # noqa: F401  (the fixture)
 
-FAKE_TRAINER = "tests/slurm_fake_trainer.py"
+FAKE_TRAINER = "tests/integration/slurm_fake_trainer.py"
 
 
 def job_env(run_dir: Path, **extra: str) -> dict:

@@ -3,7 +3,7 @@ test_train_masked.py: start-up (15-30 s on 2 cores) is most of a run's cost, so 
 several tests, and four runs cover the four ZeRO stages (each objective at two of them):
 
 - mae at ZeRO-0 and ZeRO-3, simmim at ZeRO-1 and ZeRO-2, all bf16, 16 steps, through
-  tests/guarded_pretrain.py;
+  tests/integration/guarded_pretrain.py;
 - mae at ZeRO-3 and simmim at ZeRO-2 are also the uninterrupted twins of a run stopped by
   SIGUSR1 and resumed; simmim at ZeRO-1 trains on unlabeled shards (no .cls at all); simmim at
   ZeRO-2 starts from the encoder of the mae ZeRO-3 run (train.init_from).

@@ -16,7 +16,7 @@ from webdataset.writer import TarWriter
 from pipeline.data import DataError, build_eval_loader, build_train_loader
 from test_data_stream import data_cfg, png, take
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))
 import make_shards  # noqa: E402
 COUNTS = (9, 4, 13, 6)  # 32 samples

@@ -11,7 +11,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.validate import validate_run
 from test_data_stream import write_tiny_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

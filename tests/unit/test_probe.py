@@ -137,7 +137,7 @@ def test_two_ranks_give_the_one_process_figure(tmp_path, k):
 
 
 def test_the_plot_draws_the_reconstruction_loss_and_the_knn_curve():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "launch"))
     import plot
 
     rows = [{"step": s, "loss": 0.6 - s / 100, "samples_per_s": 300.0} for s in range(1, 9)]

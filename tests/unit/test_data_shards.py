@@ -17,7 +17,7 @@ from pipeline.config import DataConfig
 from pipeline.data import build_eval_loader, build_train_loader
 from pipeline.data.shards import write_shards
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))
 import make_shards  # noqa: E402
 

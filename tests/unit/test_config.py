@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import MODEL_SIZES, ConfigError, ModelConfig, dump_config, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(tmp_path, text):

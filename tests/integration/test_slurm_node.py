@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
 _spec = importlib.util.spec_from_file_location("torchrun_node", SLURM / "torchrun_node.py")
 node = importlib.util.module_from_spec(_spec)
@@ -87,7 +87,7 @@ def _torchrun_node(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     config = tmp_path / "fake.yaml"
     config.write_text("train.max_steps: 6\nfake.step_seconds: 0.2\n")
     cmd = [sys.executable, str(SLURM / "torchrun_node.py"), "--standalone", "--nproc_per_node=2",
-           "tests/slurm_fake_trainer.py", "--config", str(config), f"train.output_dir={tmp_path / 'run'}",
+           "tests/integration/slurm_fake_trainer.py", "--config", str(config), f"train.output_dir={tmp_path / 'run'}",
            *overrides]
     # The workers take a second to install their handlers, as the real trainer takes seconds.
     env = {**_clean_env(), "FAKE_TRAINER_STARTUP_S": "1"}

@@ -1,6 +1,6 @@
 """Real 2-process training runs under torchrun (gloo, CPU): every ZeRO stage, fp32 and bf16.
 
-The runs go through tests/guarded_pretrain.py, which makes two CUDA-only faults visible on a
+The runs go through tests/integration/guarded_pretrain.py, which makes two CUDA-only faults visible on a
 CPU: a host tensor handed to a collective of the device's group (NCCL refuses it), and a
 host-device synchronisation in a steady-state step (one stalls the GPU's queue).
 """

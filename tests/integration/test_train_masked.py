@@ -1,5 +1,5 @@
 """mae and simmim trained as classification is: 2 ranks under torchrun in bf16 at every ZeRO stage
-(through the guard of tests/guarded_pretrain.py), exact resume after SIGUSR1, unlabeled shards, the
+(through the guard of tests/integration/guarded_pretrain.py), exact resume after SIGUSR1, unlabeled shards, the
 k-NN probe in the metrics, and train.init_from from a sharded ZeRO-3 run. The runs are shared
 (masked_runs.py): each is made once per session."""
 from __future__ import annotations

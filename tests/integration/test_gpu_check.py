@@ -23,8 +23,8 @@ def test_gpu_check_runs_every_phase_on_tiny_sizes(tmp_path):
     for row in results["throughput"]:
         assert row["trainer_images_per_s"] > 0 and row["model_images_per_s"] > 0
         assert 0 <= row["data_wait_fraction"] <= 1 and row["trainer_mfu"] > 0 and row["model_mfu"] > 0
-    assert [r["name"] for r in results["matrix"]] == ["matrix-fp32-zero0", "matrix-bf16-zero3", "fp16 refused on CPU"]
-    assert all(r["last_loss"] < r["first_loss"] for r in results["matrix"][:2])
+    (matrix,) = results["matrix"]  # one run on CPUs (fp16's refusal there: test_train_distributed.py)
+    assert matrix["name"] == "matrix-bf16-zero3" and matrix["last_loss"] < matrix["first_loss"]
     (resumed,) = results["resume"]
     assert resumed["stopped_status"] == "75" and resumed["losses_bitwise"] and resumed["ledgers_equal"]
     assert results["export"][0]["max_logit_difference"] <= 1e-4

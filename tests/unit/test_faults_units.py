@@ -18,7 +18,7 @@ import pytest
 from pipeline.errors import (PipelineError, StorageError, TrainingError, UserError, exit_code_for, one_line,
                              storage_error)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_exit_codes_follow_from_the_class():
@@ -74,7 +74,7 @@ def test_writing_turns_write_failures_into_storage_errors(tmp_path):
 def small_tmpfs(tmp_path):
     """A 64 KB tmpfs (root only): a disk that really fills up."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; tests/test_faults.py covers the full disk with a patched writer")
+        pytest.skip("mounting a tmpfs needs root; tests/integration/test_faults.py covers the full disk with a patched writer")
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
