@@ -88,3 +88,57 @@ def test_a_fresh_start_over_an_old_run_starts_a_fresh_metrics_file(tmp_path):
     new.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "loss": 2.5}]
+
+
+ROW = {"loss": 1.2345, "lr": 3e-4, "samples_per_s": 812.4, "data_wait_fraction": 0.021, "step_time_s": 0.5}
+
+
+def test_without_a_terminal_each_row_is_one_plain_progress_line(caplog):
+    """Slurm's output file is not a terminal: no bar, but one line per metrics row with what a
+    user watches (step, loss, lr, img/s, data wait, ETA). The same with train.progress_bar=false."""
+    import logging
+
+    from pipeline.metrics import Progress
+
+    for bar in (True, False):  # pytest's stderr is not a terminal
+        progress = Progress(100, initial=0, enabled=True, bar=bar)
+        assert progress._bar is None
+        with caplog.at_level(logging.INFO, logger="pipeline.metrics"):
+            progress.log(40, ROW)
+        progress.close()
+        assert caplog.messages[-1] == "step 40/100  loss 1.2345  lr 0.0003  812 img/s  data wait 2.1%  ETA 0:00:30"
+    caplog.clear()
+    silent = Progress(100, initial=0, enabled=False)  # other ranks print nothing
+    silent.log(40, ROW)
+    assert caplog.messages == []
+
+
+def test_the_bar_shows_images_per_second(monkeypatch):
+    import io
+    import sys
+
+    from pipeline.metrics import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    progress = Progress(100, initial=0, enabled=True, bar=True)
+    progress.log(40, ROW)
+    progress.update(40)
+    progress.close()
+    assert "img/s=812" in sys.stderr.getvalue() and "loss=1.234" in sys.stderr.getvalue()
+
+
+def test_tensorboard_groups_train_and_val(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.metrics import TensorBoardWriter
+
+    writer = TensorBoardWriter(tmp_path)
+    writer.log({"loss": 2.0, "samples_per_s": 10.0}, 5)
+    writer.log({"val_top1": 0.5, "val_knn_top1": 0.4}, 5)
+    writer.close()
+    tags = EventAccumulator(str(tmp_path)).Reload().Tags()["scalars"]
+    assert sorted(tags) == ["train/loss", "train/samples_per_s", "val/knn_top1", "val/top1"]
