@@ -80,9 +80,9 @@ class Launch:
             time.sleep(0.05)
 
 
-def launch(nproc: int, out: Path, overrides: list[str]) -> Launch:
+def launch(nproc: int, out: Path, overrides: list[str], script: Path = PRETRAIN) -> Launch:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(PRETRAIN), "--config", str(ROOT / "configs/digits_tiny.yaml"), *overrides,
+               str(script), "--config", str(ROOT / "configs/digits_tiny.yaml"), *overrides,
                f"train.output_dir={out}"]
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.parent / f"{out.name}.{time.time_ns()}.log"

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import checkpoint_runs
 from checkpoint_runs import Launch, ledger_steps, wait_until
-from conftest import ROOT, TINY, run_env, shard_overrides
+from conftest import ROOT, TINY, shard_overrides
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
 PRETRAIN = ROOT / "launch" / "pretrain.py"
@@ -62,14 +60,7 @@ def overrides(base: Path, shards: Path, objective: str, stage: int) -> list[str]
 
 
 def launch(script: Path, out: Path, args: list[str]) -> Launch:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "--config", str(ROOT / "configs/digits_tiny.yaml"), *args, f"train.output_dir={out}"]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.parent / f"{out.name}.{time.time_ns()}.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=run_env(),
-                                   start_new_session=True)
-    return Launch(out=out, process=process, log_path=log_path)
+    return checkpoint_runs.launch(2, out, args, script=script)
 
 
 def stage_run(base: Path, shards: Path, objective: str, stage: int) -> Launch:

@@ -200,10 +200,14 @@ def test_bad_config_exits_2_and_is_not_requeued(slurm_cluster, digits_shards, tm
 def test_srun_variant_trains_checkpoints_on_usr1_and_requeues(slurm_cluster, digits_shards, tmp_path):
     """One srun task per rank, no torchrun: the trainer reads SLURM_PROCID and the script's
     MASTER_ADDR/PORT, and gets USR1 straight from the batch shell's scancel (so do its DataLoader
-    workers). Config and overrides from the environment (CONFIG, OVERRIDES) this time. The resume
-    after the requeue is the same as above, so the requeued job is cancelled before it starts."""
+    workers). Config and overrides from the environment (CONFIG, OVERRIDES) this time, and the
+    objective is MAE: preemption on Slurm is the same for every objective, and this covers one
+    without labels. The resume after the requeue is the same as above, so the requeued job is
+    cancelled before it starts."""
     run_dir = tmp_path / "run"
-    env = job_env(RUN_DIR=str(run_dir), CONFIG=CONFIG, OVERRIDES=" ".join(train_args(digits_shards, 1000)))
+    mae = ("train.objective=mae", "model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
+           "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64")
+    env = job_env(RUN_DIR=str(run_dir), CONFIG=CONFIG, OVERRIDES=" ".join(train_args(digits_shards, 1000, *mae)))
     job = slurm_cluster.sbatch("slurm/pretrain_srun.sbatch", env=env,
                                sbatch_args=("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.out"))
     watch = Watch(slurm_cluster, job, run_dir, rank_var="SLURM_PROCID")
@@ -220,6 +224,8 @@ def test_srun_variant_trains_checkpoints_on_usr1_and_requeues(slurm_cluster, dig
     assert_checkpoints(run_dir, [stopped])
     for rank in (0, 1):
         assert [r["step"] for r in ledger(run_dir, rank)] == list(range(1, stopped + 1))
+    marker = json.loads((run_dir / "checkpoints" / f"step-{stopped}" / "COMPLETE").read_text())
+    assert marker["task"] == "mae"
 
 
 @pytest.mark.timeout(180)
