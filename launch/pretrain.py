@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_precision(cfg.train.precision, device_for(env))
         task = build_task(cfg)  # every rank, before any rank waits for another: the same refusal everywhere
-        preflight(cfg, env, shape_fields=task.shape_fields, build_model=task.build_model)
+        checked = preflight(cfg, env, shape_fields=task.shape_fields, build_model=task.build_model)
         if env.is_main:
             write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
             stop_flag.exit_status_path = status_path
         with stop_flag.ending_the_wait("waiting for the other ranks"):
             init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
-        code = train(cfg, env, stop_flag)  # 75 or 130 after a stop: agreed by all ranks
+        code = train(cfg, env, stop_flag, checked)  # 75 or 130 after a stop: agreed by all ranks
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
         code = report_failure(error, rank=env.rank, world_size=env.world_size, output_dir=cfg.train.output_dir)
     finally:

@@ -10,7 +10,8 @@ always the one-line error with exit 2: checked later, one rank's refusal became 
   stage and world size can load (checkpoint.py's own checks, run early);
 - the shards: every local shard exists and every shard's sample count is known (sources.py).
 
-The trainer may run the same functions again later (they are cheap) or take the result.
+The trainer takes the result (the resume plan, the resolved shards); built without one (tests),
+it runs ``preflight`` itself.
 """
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from pipeline.init_from import starting_weights
 from pipeline.metrics import Progress, build_metrics_writer, device_peak_flops
 from pipeline.optim import apply_current_schedule
 from pipeline.preemption import StopFlag
+from pipeline.preflight import Preflight, preflight
 from pipeline.probe import build_probe
 from pipeline.rng import rng_state, seed_everything, set_rng_state
 from pipeline.tasks import build_task
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None):
-        self.cfg, self.env = cfg, env
+    def __init__(self, cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None,
+                 checked: Preflight | None = None):
+        self.cfg, self.env, self.checked = cfg, env, checked  # checked: the launcher's preflight, if it ran one
         self.device = device_for(env)
         if self.device.type == "cpu":
             keep_heap()  # no caching allocator on the CPU: reuse freed memory across steps (heap.py)
@@ -61,11 +63,9 @@ class Trainer:
         self.stop_flag.install()  # early: a signal while building (e.g. a long load) must not kill the job
         start_worker_server(cfg.data.num_workers)  # its imports overlap with building the engine
         self.task = build_task(cfg)
-        resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, self.output_dir,
-                                               overwrite=cfg.checkpoint.overwrite)
-        self.plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
-                                           world_size=env.world_size, zero_stage=cfg.train.zero_stage,
-                                           shape_fields=self.task.shape_fields)
+        checked = self.checked or preflight(cfg, env, shape_fields=self.task.shape_fields,
+                                            build_model=self.task.build_model)
+        self.plan = checked.resume
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")
@@ -78,8 +78,9 @@ class Trainer:
             log.info("torch.compile: compiling %d encoder layers (the first step takes longer)", compile_layers(model))
         loader_args = dict(image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels, rank=env.rank,
                            world_size=env.world_size, sample_keys=self.task.sample_keys)
-        self.train_loader = build_train_loader(cfg.data, seed=cfg.train.seed, **loader_args)
-        self.eval_loader = build_eval_loader(cfg.data, **loader_args)
+        self.train_loader = build_train_loader(cfg.data, seed=cfg.train.seed, shards=checked.train_shards,
+                                               **loader_args)
+        self.eval_loader = build_eval_loader(cfg.data, shards=checked.val_shards, **loader_args)
         self.loader_state = self.train_loader.state_dict()  # what the last trained batch left
         self.normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.model.num_channels)
         self.probe = build_probe(cfg, self.task, env, device=self.device, normalize=self.normalize)
@@ -243,7 +244,7 @@ class Trainer:
                                resumed_from=self.plan.tag_dir if self.plan is not None else None)
 
 
-def train(cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None) -> int:
-    trainer = Trainer(cfg, env, stop_flag)
+def train(cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None, checked: Preflight | None = None) -> int:
+    trainer = Trainer(cfg, env, stop_flag, checked)
     trainer.build()
     return trainer.run()

@@ -78,17 +78,19 @@ class EvalLoader:
 
 def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, rank: int,
                       world_size: int, sample_keys: tuple[str, ...] = ("cls",), split: str = "val",
-                      max_samples: int | None = None) -> EvalLoader | None:
+                      max_samples: int | None = None, shards: list[Shard] | None = None) -> EvalLoader | None:
     """The evaluation loader of ``rank`` over ``data.val_shards``, or None when they are not set.
 
     ``split="train"`` reads ``data.train_shards`` instead (once, in shard order, eval transform,
     no shuffle): the k-NN probe's bank. ``max_samples`` keeps only the first samples, in shard order.
+    ``shards``: the split's shards already resolved (preflight), else resolved here.
     """
     spec = cfg.val_shards if split == "val" else cfg.train_shards
     if not spec:
         return None
     check_channels(num_channels)
-    shards = resolve_shards(spec, cfg.manifest, what=f"data.{split}_shards")
+    if shards is None:
+        shards = resolve_shards(spec, cfg.manifest, what=f"data.{split}_shards")
     if max_samples is not None:  # the first max_samples: whole shards, then part of one (read by range)
         kept, left = [], max_samples
         for shard in shards:

@@ -294,11 +294,14 @@ def label_mode(sample_keys: tuple[str, ...], *, evaluation: bool = False) -> str
 
 
 def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num_channels: int, seed: int,
-                       rank: int, world_size: int, sample_keys: tuple[str, ...] = ("cls",)) -> TrainLoader:
+                       rank: int, world_size: int, sample_keys: tuple[str, ...] = ("cls",),
+                       shards: list[Shard] | None = None) -> TrainLoader:
     """The training loader of ``rank``; shard problems are DataErrors raised here, before training.
-    ``sample_keys``: what the task reads besides the image (``("cls",)``: labels; ``()``: none)."""
+    ``sample_keys``: what the task reads besides the image (``("cls",)``: labels; ``()``: none).
+    ``shards``: ``data.train_shards`` already resolved (preflight), else resolved here."""
     check_channels(num_channels)
-    shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
+    if shards is None:
+        shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
     layout = TrainLayout(tuple(s.num_samples for s in shards), cfg.batch_size, world_size,
                          max(1, cfg.num_workers), seed)
     if layout.steps_per_epoch == 0:
