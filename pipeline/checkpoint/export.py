@@ -29,21 +29,19 @@ from pipeline.checkpoint.store import CheckpointError, find_checkpoint, read_mar
 from pipeline.config import ModelConfig
 from pipeline.checkpoint.export_meta import ExportError, check_out_dir, export_model, run_config
 from pipeline.model import ViTForImageClassification, ViTModel
-from pipeline.model.hf import ARCHITECTURES
+from pipeline.model.hf import ARCHITECTURES, NOT_ENCODER_KEYS
 
 log = logging.getLogger(__name__)
 
 # The model each objective (a checkpoint marker's "task") trains, by HF's class name.
 TASK_ARCHITECTURES = {"classification": "ViTForImageClassification", "mae": "ViTMAEForPreTraining",
                       "simmim": "ViTForMaskedImageModeling"}
-# Inside ``vit.`` but not the encoder's: SimMIM's mask token (its pretraining head) and HF's pooler.
-NOT_ENCODER = ("vit.embeddings.mask_token", "vit.pooler.")
 
 
 def encoder_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The encoder's entries of a full model's state dict (names kept, ``vit.`` included): the same
     names whatever the objective, so one objective's encoder loads into another's model."""
-    return {k: v for k, v in state.items() if k.startswith("vit.") and not k.startswith(NOT_ENCODER)}
+    return {k: v for k, v in state.items() if k.startswith("vit.") and not k.startswith(NOT_ENCODER_KEYS)}
 
 # The non-tensor objects DeepSpeed (and our LR schedule) pickle into checkpoints. Export needs
 # none of their behaviour, so they unpickle as inert records instead of the real classes.

@@ -52,9 +52,9 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 HF_DEFAULT_NUM_LABELS = 2  # what transformers assumes when config.json has no id2label / num_labels
 
-# Backbone weights our classifier has no place for (ViTModel's pooler, ViTForMaskedImageModeling's
-# mask token): skipped on load, as transformers does.
-_UNUSED_BACKBONE_KEYS = ("vit.pooler.", "vit.embeddings.mask_token")
+# Inside ``vit.`` but not the encoder's (HF's pooler, SimMIM's mask token): weights our classifier
+# has no place for, skipped on load as transformers does, and left out of an encoder's weights.
+NOT_ENCODER_KEYS = ("vit.pooler.", "vit.embeddings.mask_token")
 
 
 def config_to_hf(cfg: ModelConfig, *, architecture: str = "ViTForImageClassification",
@@ -204,7 +204,7 @@ def _read_weights(directory: Path) -> tuple[dict[str, Tensor], Path]:
 def _load_checked(model: nn.Module, state: dict[str, Tensor], path: Path, *, keep_fresh_classifier: bool) -> None:
     """Copy ``state`` into ``model``, allowing only the differences a backbone checkpoint implies."""
     expected = model.state_dict()
-    skipped = [key for key in state if key.startswith(_UNUSED_BACKBONE_KEYS) and key not in expected]
+    skipped = [key for key in state if key.startswith(NOT_ENCODER_KEYS) and key not in expected]
     state = {key: value for key, value in state.items() if key not in skipped}
     has_classifier = any(key.startswith("classifier.") for key in state)
     if keep_fresh_classifier or not has_classifier:
