@@ -127,12 +127,12 @@ class TrainStream(IterableDataset):
             # decode + augment (seeded per sample); bad samples are skipped, counted and logged
             wds.map(decode, handler=SkipBad(where)),
             # only pulled when bad samples left the slice short: repeat good samples (logged)
-            Refill(SliceReader(self.urls, layout.shard_offsets, segments), decode, length, consumed, where),
+            Refill(reader, decode, length, consumed, where, layout.counts),
             # exactly the slot's remaining batches, collated in the worker (uint8; normalized on the device)
             TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
                          slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker,
-                         labels=self.decoding.labels != "none"),
+                         labels=self.decoding.labels != "none", take_bad_counts=decode.take_bad_counts),
         ))
 
 

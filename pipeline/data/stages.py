@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import default_collate
 from .batch_ring import BatchRing
 from .partition import Segment, mix_seed
 from .errors import DataError
-from .tar_reader import count_samples, read_range
+from .tar_reader import read_range
 from .transforms import IMAGE_EXTENSIONS, decode
 
 log = logging.getLogger(__name__)
@@ -67,16 +67,9 @@ class SliceReader:
         base = 0  # position of the segment's first sample inside the slice
         for seg in self.segments:
             skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
-            yield from _from_shard(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
-                                   first_id=self.offsets[seg.shard])
+            yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
+                                  first_id=self.offsets[seg.shard])
             base += len(seg)
-
-
-def _from_shard(url: str, start: int, stop: int, **kw) -> Iterator[dict]:
-    """``read_range``, with the shard's URL on every item (bad-sample messages name it)."""
-    for item in read_range(url, start, stop, **kw):
-        item.setdefault("__url__", url)
-        yield item
 
 
 class Refill:
@@ -91,21 +84,16 @@ class Refill:
     The borrowed items are numbered ``length + 1, length + 2, ...`` (raw items, good or bad), so
     a resume inside this phase skips ``consumed - length`` of them without decoding. Their
     failures belong to other slices and are not counted here. Clean data never gets here.
-
-    Passing through, each good sample carries the per-shard counts of the bad samples decoded
-    before it (``__bad_shards__``), which ``TrainBatches`` adds up per batch.
     """
 
-    def __init__(self, reader: SliceReader, decode: DecodeSample, length: int, consumed: int, where: str):
+    def __init__(self, reader: SliceReader, decode: DecodeSample, length: int, consumed: int, where: str,
+                 counts: tuple[int, ...]):
         self.reader, self.decode, self.length, self.where = reader, decode, length, where
         self.skip = max(0, consumed - length)
-        self.counts: list[int | None] | None = None  # samples per shard, once borrowing starts
+        self.counts = counts  # samples per shard (the layout's, from the manifest)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        for sample in src:
-            if self.decode.bad_counts:  # rare: no dict per sample on clean data
-                sample["__bad_shards__"] = self.decode.take_bad_counts()
-            yield sample
+        yield from src
         log.warning("%s: bad samples left the slice short; borrowing the good samples that follow it "
                     "(repeats once around the dataset) for as long as needed", self.where)
         n, rounds = self.length, 0
@@ -126,8 +114,6 @@ class Refill:
                     continue
                 good += 1
                 sample["__n__"], sample["__key__"] = n, item["__key__"]
-                if self.decode.bad_counts:  # the first pass's last bad samples, before this one
-                    sample["__bad_shards__"] = self.decode.take_bad_counts()
                 yield sample
             if not good:
                 return  # not one good sample in a whole round: TrainBatches names the problem
@@ -138,16 +124,12 @@ class Refill:
         urls, offsets, segments = self.reader.urls, self.reader.offsets, self.reader.segments
         if not segments:
             return
-        if self.counts is None:  # the offsets give every count but the last shard's
-            self.counts = [b - a for a, b in zip(offsets, offsets[1:])] + [None]
-        counts, last = self.counts, segments[-1]
+        last = segments[-1]
         order = [(last.shard + k) % len(urls) for k in range(len(urls) + 1)]
         for k, shard in enumerate(order):
-            if counts[shard] is None:
-                counts[shard] = count_samples(urls[shard])  # tar headers only
             start = last.stop if k == 0 else 0
-            stop = last.stop if k == len(urls) else counts[shard]
-            yield from _from_shard(urls[shard], start, stop, first_id=offsets[shard])
+            stop = last.stop if k == len(urls) else self.counts[shard]
+            yield from read_range(urls[shard], start, stop, first_id=offsets[shard])
 
 
 class DropConsumed:
@@ -275,11 +257,14 @@ class TrainBatches:
 
     def __init__(self, batch_size: int, count: int, *, length: int, epoch: int, first_index: int, stride: int,
                  slot: int, consumed: int, where: str, ring: BatchRing | None = None, worker: int = 0,
-                 labels: bool = True):
+                 labels: bool = True, take_bad_counts: Callable[[], dict[str, int]] | None = None):
         self.batch_size, self.count, self.length, self.epoch = batch_size, count, length, epoch
         self.first_index, self.stride, self.slot, self.consumed = first_index, stride, slot, consumed
         self.where, self.ring, self.worker = where, ring, worker
         self.labels = labels  # the samples carry "label" (DecodeSample's labels is not "none")
+        # The stages pull lazily: once a batch is complete, the decoder has seen exactly the items
+        # up to its last sample, so its per-shard bad counts are this batch's (DecodeSample.take_bad_counts).
+        self.take_bad_counts = take_bad_counts or dict
 
     def collate(self, images: list[torch.Tensor]) -> dict:
         """The batch's images: stacked into a reusable shared buffer when one is free."""
@@ -301,10 +286,7 @@ class TrainBatches:
             consumed = samples[-1]["__n__"]
             first_pass = sum(1 for s in samples if s["__n__"] <= self.length)
             skipped = min(consumed, self.length) - min(previous, self.length) - first_pass
-            bad_shards: dict[str, int] = {}
-            for sample in samples:
-                for url, count in sample.get("__bad_shards__", {}).items():
-                    bad_shards[url] = bad_shards.get(url, 0) + count
+            bad_shards = self.take_bad_counts()
             yield {
                 **self.collate([s["image"] for s in samples]),
                 # plain lists: a small tensor would cost a shared-memory file and a descriptor pass

@@ -216,9 +216,9 @@ def read_range(url: str, start: int, stop: int, *, skip: Container[int] = (), fi
         reason = f"unreadable tar ({type(error).__name__}: {error})"
         if current is not None and emitted < stop - start:
             emitted += 1
-            yield {"__key__": current["__key__"], "__bad__": reason}
+            yield {"__key__": current["__key__"], "__url__": url, "__bad__": reason}
     finally:
         if reader is not None:
             reader.close()
     for missing in range(start + emitted, stop):
-        yield {"__key__": f"{url}#{missing}", "__bad__": reason}
+        yield {"__key__": f"{url}#{missing}", "__url__": url, "__bad__": reason}
