@@ -96,8 +96,8 @@ class DeviceFeed:
         release = host.pop("release", None)
         images = host.pop("image")
         if not self.cuda:
-            # a private copy first (the image may be a shared-memory slot the worker reuses)
-            batch = {**host, "image": self.normalize(images.clone() if release else images, self.dtype)}
+            # normalizing writes a new tensor: the worker may refill the slot once it is made
+            batch = {**host, "image": self.normalize(images, self.dtype)}
             if release is not None:
                 release()
             return batch
