@@ -13,7 +13,6 @@ k-NN and linear-probe top-1 of the frozen pretrained encoder next to a randomly 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the launch/ scripts as the package ``launch``, run from a checkout
+from launch.plot import read_metrics  # noqa: E402
+
 CONFIG = ROOT / "configs" / "digits_tiny.yaml"
 MAE_CONFIG = ROOT / "configs" / "digits_mae.yaml"
 SHARDS = ROOT / "data" / "digits"
@@ -61,15 +63,11 @@ def train(config: Path, output_dir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def metrics_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def classification(overrides: list[str], started: float) -> int:
     output_dir = output_dir_of(overrides, ROOT / "runs" / "digits_tiny")
     train_seconds = train(CONFIG, output_dir, overrides)
     run([sys.executable, "launch/plot.py", str(output_dir)])
-    last_eval = [r for r in metrics_rows(output_dir) if "val_top1" in r][-1]
+    last_eval = [r for r in read_metrics(output_dir) if "val_top1" in r][-1]
     print(f"\nvalidation top-1 {last_eval['val_top1']:.2%}, top-5 {last_eval['val_top5']:.2%} at step "
           f"{last_eval['step']}; training took {train_seconds:.0f} s ({time.perf_counter() - started:.0f} s in all)")
     print(f"metrics:     {output_dir / 'metrics.jsonl'} (TensorBoard: {output_dir / 'tensorboard'})")
@@ -86,7 +84,6 @@ def encoder_probes(pretrained_dir: Path) -> tuple[dict, dict, object]:
 
     import torch
 
-    sys.path.insert(0, str(ROOT))  # launch/linear_probe.py as launch.linear_probe
     from launch.linear_probe import probe_encoder
     from pipeline.config import load_config
     from pipeline.init_from import load_encoder
@@ -115,8 +112,8 @@ def mae(overrides: list[str], started: float) -> int:
     finetune_seconds = train(CONFIG, finetune_dir, [f"train.init_from={pretrain_dir}"])
     run([sys.executable, "launch/plot.py", str(finetune_dir)])
 
-    last_pretrain = [r for r in metrics_rows(pretrain_dir) if "val_loss" in r][-1]
-    last_finetune = [r for r in metrics_rows(finetune_dir) if "val_top1" in r][-1]
+    last_pretrain = [r for r in read_metrics(pretrain_dir) if "val_loss" in r][-1]
+    last_finetune = [r for r in read_metrics(finetune_dir) if "val_top1" in r][-1]
     knn_during = last_pretrain.get("val_knn_top1")
     print(f"\nMAE pretraining ({cfg.train.max_steps} steps, mask ratio {cfg.model.mask_ratio}, labels unused): "
           f"validation reconstruction loss {last_pretrain['val_loss']:.4f}"

@@ -1,4 +1,5 @@
-"""JPEG shards like ImageNet's for ``make gpu-check``: class folders of photo-sized JPEGs, then make_shards.
+"""JPEG shards like ImageNet's for ``make gpu-check``: class folders of photo-sized JPEGs, sharded
+by ``write_shards`` (what ``make_shards`` runs).
 
 The images are synthetic but cost what photos cost: a smooth colour field with texture,
 encoded at quality 90 (about the bytes per pixel of ImageNet's JPEGs), so that decoding and
@@ -7,8 +8,6 @@ RandomResizedCrop in the workers take the time they take on real data.
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import encode_jpeg
 
-ROOT = Path(__file__).resolve().parents[2]
+from pipeline.data.shards import write_shards
 
 
 def synthetic_photo(index: int, label: int, height: int, width: int) -> torch.Tensor:
@@ -54,8 +53,6 @@ def write_jpeg_shards(out: Path, *, images: int, height: int, width: int, shards
         assert sum(pool.map(_write_range, jobs)) == images
     val_fraction = max(0.04, 2 * classes / images)  # at least two validation images per class
     train_images = images * (1 - val_fraction)
-    command = [sys.executable, str(ROOT / "launch/make_shards.py"), "--source", str(source), "--out", str(shard_dir),
-               "--shard-size", str(math.ceil(train_images / shards)), "--val-fraction", str(val_fraction),
-               "--workers", str(max(1, workers)), "--quiet"]
-    subprocess.run(command, check=True, cwd=ROOT)
+    write_shards(str(source), shard_dir, shard_size=math.ceil(train_images / shards), val_fraction=val_fraction,
+                 workers=max(1, workers))
     return shard_dir

@@ -16,17 +16,7 @@ from torch import nn
 from launch.benchmarks import peers, training_steps
 from pipeline.config import ModelConfig
 from pipeline.model import vit_flops
-from pipeline.model.masking import mae_noise, simmim_mask
 from pipeline.tasks import ClassificationTask, build_task
-
-
-def masks(objective: str, cfg: ModelConfig, batch_size: int, generator: torch.Generator) -> dict:
-    """The forward's masking argument of ``objective``, as the task draws it."""
-    if objective == "mae":
-        return {"noise": mae_noise(batch_size, cfg.num_patches, generator=generator)}  # (batch, patches)
-    return {"bool_masked_pos": simmim_mask(batch_size, image_size=cfg.image_hw, patch_size=cfg.patch_hw,
-                                           mask_patch_size=cfg.mask_patch_size, mask_ratio=cfg.simmim_mask_ratio,
-                                           generator=generator)}
 
 
 def build_masked_contenders(objective: str, size: str, opts: dict) -> tuple[
@@ -40,7 +30,9 @@ def build_masked_contenders(objective: str, size: str, opts: dict) -> tuple[
     ours = task.build_model(cfg).train()
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(batch_size, cfg.num_channels, *cfg.image_hw, generator=generator)
-    masking = masks(objective, cfg, batch_size, generator)
+    # the forward's masking argument, drawn as the task draws it
+    masking = ({"noise": task.noise(pixels, generator)} if objective == "mae"
+               else {"bool_masked_pos": task.mask(pixels, generator)})
     labels = torch.randint(0, cfg.num_labels, (batch_size,), generator=generator)
     flops = task.flops(cfg, batch_size)
     contenders = {"ours": (ours, lambda: ours(pixels, **masking).loss, flops)}

@@ -20,16 +20,16 @@ class MAETask(MaskedImageTask):
     def build_model(self, model_cfg: ModelConfig) -> nn.Module:
         return ViTMAEForPreTraining(model_cfg)
 
-    def _noise(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def noise(self, images: Tensor, generator: torch.Generator) -> Tensor:
         return mae_noise(images.shape[0], self.model_cfg.num_patches, generator=generator)  # (batch, patches)
 
     def loss(self, model: nn.Module, batch: dict) -> Tensor:
         images = batch["image"]
-        return model(images, noise=self._noise(images, self.masks_generator(batch))).loss
+        return model(images, noise=self.noise(images, self.masks_generator(batch))).loss
 
     def eval_sums(self, model: nn.Module, batch: dict) -> Tensor:
         images, valid = batch["image"], batch["valid"]
-        out = model(images, noise=self._noise(images, self._eval_generator(images.device)))
+        out = model(images, noise=self.noise(images, self._eval_generator(images.device)))
         weights = out.mask * valid[:, None]  # (batch, patches): the removed patches of real samples
         masked = weights.sum()
         # The model's own loss with padding weighted out is (sum of per-patch errors) / masked;

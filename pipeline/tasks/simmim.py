@@ -17,7 +17,7 @@ class SimMIMTask(MaskedImageTask):
     def build_model(self, model_cfg: ModelConfig) -> nn.Module:
         return ViTForMaskedImageModeling(model_cfg)
 
-    def _mask(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def mask(self, images: Tensor, generator: torch.Generator) -> Tensor:
         m = self.model_cfg
         return simmim_mask(images.shape[0], image_size=m.image_hw, patch_size=m.patch_hw,
                            mask_patch_size=m.mask_patch_size, mask_ratio=m.simmim_mask_ratio,
@@ -25,11 +25,11 @@ class SimMIMTask(MaskedImageTask):
 
     def loss(self, model: nn.Module, batch: dict) -> Tensor:
         images = batch["image"]
-        return model(images, bool_masked_pos=self._mask(images, self.masks_generator(batch))).loss
+        return model(images, bool_masked_pos=self.mask(images, self.masks_generator(batch))).loss
 
     def eval_sums(self, model: nn.Module, batch: dict) -> Tensor:
         images, valid = batch["image"], batch["valid"]
-        masked_pos = self._mask(images, self._eval_generator(images.device)) & valid[:, None]  # real samples only
+        masked_pos = self.mask(images, self._eval_generator(images.device)) & valid[:, None]  # real samples only
         loss = model(images, bool_masked_pos=masked_pos).loss
         patch_h, patch_w = self.model_cfg.patch_hw
         pixels = masked_pos.sum() * (patch_h * patch_w)

@@ -52,10 +52,10 @@ def test_eval_sums_count_real_samples_only(objective):
         sums = task.eval_sums(model, {"image": images, "valid": valid})
         task.start_eval(torch.device("cpu"))  # the same draws again, for the reference
         if objective == "mae":
-            noise = task._noise(images, task.eval_generator)[:3]
+            noise = task.noise(images, task.eval_generator)[:3]
             expected = model(images[:3], noise=noise).loss
         else:
-            masked = task._mask(images, task.eval_generator)[:3]
+            masked = task.mask(images, task.eval_generator)[:3]
             expected = model(images[:3], bool_masked_pos=masked).loss
     metrics = task.eval_metrics(dict(zip(task.eval_names, sums.tolist())))
     assert metrics["val_samples"] == 3
