@@ -14,10 +14,10 @@ import logging
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.sources import manifest_classes, manifest_says_unlabeled
+from pipeline.data.sources import manifest_classes, manifest_of, manifest_says_unlabeled
+from pipeline.data.transforms import IMAGE_CHANNELS
 from pipeline.distributed.engine import build_deepspeed_config
 
-IMAGE_CHANNELS = (1, 3)  # what the image loader decodes to (grayscale or RGB)
 # Read by DeepSpeed outside the config parsing that validate_deepspeed watches.
 DEEPSPEED_KEYS_READ_ELSEWHERE = {"sequence_parallel_size"}
 
@@ -33,11 +33,12 @@ def validate_run(cfg: Config, world_size: int) -> None:
 
 
 def check_num_labels(cfg: Config) -> None:
-    if manifest_says_unlabeled(cfg.data.train_shards, cfg.data.manifest):
+    manifest = manifest_of(cfg.data.train_shards, cfg.data.manifest)  # read once for both checks
+    if manifest_says_unlabeled(manifest):
         raise ConfigError("train.objective=classification needs labels, but the manifest of data.train_shards says "
                           "its shards carry none (\"labeled\": false); use train.objective=mae or simmim, or "
                           "shards written with labels (make_shards without --unlabeled)")
-    found = manifest_classes(cfg.data.train_shards, cfg.data.manifest)
+    found = manifest_classes(manifest)
     if found is None:
         return
     classes, location = found

@@ -16,6 +16,7 @@ epochs follow each other without a pause; ``batch["epoch"]`` says where one begi
 from __future__ import annotations
 
 import copy
+from functools import partial
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,16 +60,6 @@ def _next(iterator: Iterator[dict]) -> dict:
         if text.startswith("Caught DataError in DataLoader worker"):
             raise DataError(text.splitlines()[-1].split("DataError: ", 1)[-1]) from None
         raise
-
-
-class _Release:
-    """``batch["release"]``: frees the shared-memory slot a borrowed batch's image is a view of."""
-
-    def __init__(self, ring: BatchRing, worker: int):
-        self.ring, self.worker = ring, worker
-
-    def __call__(self) -> None:
-        self.ring.release(self.worker)
 
 
 class TrainStream(IterableDataset):
@@ -234,11 +225,11 @@ class TrainLoader:
                 worker, ring_slot = batch.pop("worker"), batch.pop("ring_slot", None)
                 if ring_slot is not None:
                     self.reused_buffer_batches += 1
-                    batch["image"] = ring.view(worker, ring_slot)
-                    batch["release"] = _Release(ring, worker)
-                    if not borrow:
-                        batch["image"] = batch["image"].clone()
-                        batch.pop("release")()
+                    if borrow:  # the slot is freed by whoever copies the image out of it
+                        batch["image"], batch["release"] = ring.view(worker, ring_slot), partial(ring.release, worker)
+                    else:
+                        batch["image"] = ring.view(worker, ring_slot).clone()
+                        ring.release(worker)
                 elif ring is not None:
                     ring.release(worker)  # a fresh batch: nothing to free, but the count moves on
                 yield batch

@@ -107,30 +107,28 @@ def read_manifest(location: str) -> dict:
     return manifest
 
 
-def manifest_classes(spec: str | list[str], manifest: str | None = None) -> tuple[list[str], str] | None:
-    """The class names in the manifest of the shards ``spec`` names, and where it is; None when
-    there is no readable manifest or it names no classes (the loader then counts samples itself)."""
+def manifest_of(spec: str | list[str], manifest: str | None = None) -> tuple[dict, str] | None:
+    """The manifest of the shards ``spec`` names and where it is; None when there is no readable one
+    (the loader then counts samples itself)."""
     urls = expand_sources(spec)
     if not urls:
         return None
     location = manifest or manifest_beside(urls[0])
     try:
-        found = read_manifest(location)
+        return read_manifest(location), location
     except DataError:
         return None
-    classes = found.get("classes")
-    return ([str(c) for c in classes], location) if isinstance(classes, list) and classes else None
 
 
-def manifest_says_unlabeled(spec: str | list[str], manifest: str | None = None) -> bool:
-    """True when the shards' manifest records ``"labeled": false`` (make_shards --unlabeled)."""
-    urls = expand_sources(spec)
-    if not urls:
-        return False
-    try:
-        return read_manifest(manifest or manifest_beside(urls[0])).get("labeled", True) is False
-    except DataError:
-        return False
+def manifest_classes(found: tuple[dict, str] | None) -> tuple[list[str], str] | None:
+    """The class names of a manifest (``manifest_of``) and where it is; None when it names none."""
+    classes = found[0].get("classes") if found else None
+    return ([str(c) for c in classes], found[1]) if isinstance(classes, list) and classes else None
+
+
+def manifest_says_unlabeled(found: tuple[dict, str] | None) -> bool:
+    """True when a manifest (``manifest_of``) records ``"labeled": false`` (make_shards --unlabeled)."""
+    return found is not None and found[0].get("labeled", True) is False
 
 
 def manifest_counts(manifest: dict) -> dict[str, int]:

@@ -170,7 +170,8 @@ class DecodeSample:
             raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
         self.transform, self.num_channels, self.seed, self.epoch = transform, num_channels, seed, epoch
         self.labels = labels
-        self.size = tuple(getattr(transform, "size", ()))  # (height, width) the transform promises
+        size = tuple(getattr(transform, "size", ()))  # (height, width) the transform promises
+        self.expected = (num_channels, *size) if size else None  # every image's shape
         self.bad_counts: dict[str, int] = {}
 
     def take_bad_counts(self) -> dict[str, int]:
@@ -203,7 +204,7 @@ class DecodeSample:
             image = self.transform(decode(sample[ext], self.num_channels))
         except Exception as error:
             raise BadSample(key, f"image does not decode ({type(error).__name__}: {error})", url) from None
-        expected = (self.num_channels, *self.size) if self.size else None
+        expected = self.expected
         if image.dtype != torch.uint8 or image.ndim != 3 or (expected and tuple(image.shape) != expected):
             raise BadSample(key, f"image came out {image.dtype} {tuple(image.shape)}, expected uint8 "
                                  f"{expected or '(C, H, W)'}", url)

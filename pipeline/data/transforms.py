@@ -22,6 +22,7 @@ from pipeline.config import AUGMENTS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
 _MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
+IMAGE_CHANNELS = tuple(_MODES)  # what the decoder makes: grayscale or RGB
 
 
 def check_channels(num_channels: int) -> None:
