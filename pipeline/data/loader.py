@@ -16,10 +16,10 @@ epochs follow each other without a pause; ``batch["epoch"]`` says where one begi
 from __future__ import annotations
 
 import copy
-from functools import partial
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import webdataset as wds
