@@ -17,6 +17,10 @@ TINY = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model
         "data.batch_size=16", "data.num_workers=1", "data.augment=shift", "data.hflip=false",
         "data.mean=[0.5]", "data.std=[0.5]", "train.log_every=1", "train.progress_bar=false",
         "optim.warmup_steps=0", "optim.lr=2e-3"]
+# MAE/SimMIM heads to match: a small decoder, SimMIM's stride and blocks for 16x16 images of 4x4 patches.
+TINY_DECODER = ["model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
+                "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64", "model.encoder_stride=4",
+                "model.mask_patch_size=8"]
 
 
 @pytest.fixture(autouse=True)

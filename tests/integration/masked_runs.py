@@ -20,16 +20,14 @@ from pathlib import Path
 
 import checkpoint_runs
 from checkpoint_runs import Launch, ledger_steps, wait_until
-from conftest import ROOT, TINY, shard_overrides
+from conftest import ROOT, TINY, TINY_DECODER, shard_overrides
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 STEPS, EVERY, EVAL_EVERY = 16, 4, 8
 # A small decoder, SimMIM's stride and blocks for 16x16 images of 4x4 patches, a bank of 600 samples;
 # decoding in the trainers' processes (2 s less start-up per run; workers are the classification tests').
-MASKED = [*TINY, "data.num_workers=0", "model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
-          "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64", "model.encoder_stride=4",
-          "model.mask_patch_size=8", "train.precision=bf16", f"train.max_steps={STEPS}",
+MASKED = [*TINY, *TINY_DECODER, "data.num_workers=0", "train.precision=bf16", f"train.max_steps={STEPS}",
           f"checkpoint.every_steps={EVERY}", f"train.eval_every={EVAL_EVERY}", "data.ledger=true",
           "probe.bank_size=600"]
 STAGE_RUNS = [("mae", 0), ("mae", 3), ("simmim", 1), ("simmim", 2)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, ledger, metrics, shard_overrides
+from conftest import TINY, TINY_DECODER, ledger, metrics, shard_overrides
 from slurm_cluster import FINISHED, REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 CONFIG = "configs/digits_tiny.yaml"
@@ -205,8 +205,7 @@ def test_srun_variant_trains_checkpoints_on_usr1_and_requeues(slurm_cluster, dig
     without labels. The resume after the requeue is the same as above, so the requeued job is
     cancelled before it starts."""
     run_dir = tmp_path / "run"
-    mae = ("train.objective=mae", "model.decoder_hidden_size=32", "model.decoder_num_hidden_layers=1",
-           "model.decoder_num_attention_heads=4", "model.decoder_intermediate_size=64")
+    mae = ("train.objective=mae", *TINY_DECODER)
     env = job_env(RUN_DIR=str(run_dir), CONFIG=CONFIG, OVERRIDES=" ".join(train_args(digits_shards, 1000, *mae)))
     job = slurm_cluster.sbatch("slurm/pretrain_srun.sbatch", env=env,
                                sbatch_args=("--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/slurm-%j.out"))

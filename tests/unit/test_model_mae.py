@@ -21,8 +21,8 @@ from pipeline.model.flops import vit_flops
 from pipeline.model.flops_masked import mae_flops, mae_forward_macs_per_image, mae_kept_patches
 from pipeline.model.mae import patchify, sincos_2d, unpatchify
 from pipeline.model.masking import mae_noise
+from test_model_parity import assert_close, perturb  # same tolerance; perturb moves every parameter
 
-TOL = 1e-5
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
             patch_size=4, decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
             decoder_intermediate_size=24)
@@ -32,19 +32,6 @@ CASES = {
     "ratio-0.5-no-qkv-bias": dict(mask_ratio=0.5, qkv_bias=False, image_size=20, patch_size=5),
 }
 NON_SQUARE = {"wide": dict(image_size=[16, 24]), "tall-norm-pix": dict(image_size=[20, 12], norm_pix_loss=True)}
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    diff = (ours.float() - ref.float()).abs().max().item()
-    assert diff <= TOL, f"max abs diff {diff:.3g} > {TOL}"
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for param in model.parameters():  # HF's frozen position tables too: any values must flow through
-        param.add_(0.2 * torch.randn(param.shape, generator=generator))
 
 
 def make_pair(overrides: dict, impl: str = "sdpa"):

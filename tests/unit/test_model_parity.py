@@ -33,7 +33,7 @@ IMPLS = ["eager", "sdpa"]
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    diff = (ours - ref).abs().max().item()
+    diff = (ours.float() - ref.float()).abs().max().item()  # float: masks and indices compare too
     assert diff <= TOL, f"max abs diff {diff:.3g} > {TOL}"
 
 

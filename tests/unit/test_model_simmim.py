@@ -13,25 +13,12 @@ from pipeline.config import ConfigError, ModelConfig
 from pipeline.model import ViTForMaskedImageModeling, from_pretrained, save_pretrained
 from pipeline.model.flops_masked import simmim_flops, simmim_forward_macs_per_image
 from pipeline.model.masking import mae_noise, num_masked_blocks, simmim_mask
+from test_model_parity import assert_close, perturb  # same tolerance; perturb moves every parameter
 
-TOL = 1e-5
 BASE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, image_size=16,
             patch_size=4, encoder_stride=4, mask_patch_size=8)
 CASES = {"square": {}, "stride-2-gelu-new": dict(patch_size=2, encoder_stride=2, mask_patch_size=4,
                                                  hidden_act="gelu_new", qkv_bias=False)}
-
-
-def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert ours.shape == ref.shape, f"shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    diff = (ours - ref).abs().max().item()
-    assert diff <= TOL, f"max abs diff {diff:.3g} > {TOL}"
-
-
-@torch.no_grad()
-def perturb(model: torch.nn.Module) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for param in model.parameters():
-        param.add_(0.2 * torch.randn(param.shape, generator=generator))
 
 
 def make_pair(overrides: dict, impl: str = "sdpa"):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_DECODER
 from pipeline.config import ConfigError, load_config
 from pipeline.model import mae_flops, simmim_flops
 from pipeline.tasks import ClassificationTask, MAETask, SimMIMTask, build_task
 
-SMALL = ["model.size=tiny", "model.num_channels=1", "model.num_hidden_layers=2", "model.decoder_hidden_size=32",
-         "model.decoder_num_hidden_layers=1", "model.decoder_num_attention_heads=4",
-         "model.decoder_intermediate_size=64", "model.encoder_stride=4", "model.mask_patch_size=8"]
+SMALL = ["model.size=tiny", "model.num_channels=1", "model.num_hidden_layers=2", *TINY_DECODER]
 
 
 def task_and_model(objective: str):
