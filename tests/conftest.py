@@ -69,9 +69,10 @@ def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, config: 
                           env=env or run_env())
 
 
-def metrics(output_dir: Path) -> tuple[list[dict], list[dict]]:
+def metrics(output_dir: Path, val_key: str = "val_top1") -> tuple[list[dict], list[dict]]:
+    """(training rows, evaluation rows: those with ``val_key``) of a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r], [r for r in rows if "val_top1" in r]
+    return [r for r in rows if "loss" in r], [r for r in rows if val_key in r]
 
 
 def ledger(output_dir: Path, rank: int) -> list[dict]:

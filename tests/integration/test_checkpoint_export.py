@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import checkpoint_runs as runs
 from conftest import ROOT, run_env
 from pipeline.checkpoint import read_marker
+from pipeline.data.device_feed import Normalize
 from pipeline.config import ModelConfig, load_config
 from pipeline.checkpoint.export import consolidated_state_dict, find_checkpoint
 from pipeline.model import build_model
@@ -78,11 +79,11 @@ def validation_loss(hf, run: Path) -> tuple[float, int]:
     cfg = load_config(run / "config.yaml")
     loader = build_eval_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
                                rank=0, world_size=1)
-    mean, std = cfg.data.mean[0], cfg.data.std[0]
+    normalize = Normalize(cfg.data.mean, cfg.data.std, cfg.model.num_channels)  # the loader ships uint8
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
-            images = (batch["image"].float() / 255 - mean) / std  # the loader ships uint8
+            images = normalize(batch["image"])
             logits = hf(pixel_values=images.expand(-1, 3, -1, -1)).logits.float()
             losses = F.cross_entropy(logits, batch["label"], reduction="none")
             total += (losses * batch["valid"]).sum().item()

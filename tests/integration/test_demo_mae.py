@@ -69,8 +69,7 @@ def test_mae_demo_config_trains_and_its_encoder_is_probed(tmp_path, digits_shard
                         "train.eval_every=4", "train.log_every=2", "checkpoint.every_steps=4",
                         "train.progress_bar=false"], config=str(ROOT / "configs/digits_mae.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
-    train_rows, _ = metrics(out)
-    evaluation = [r for r in (out / "metrics.jsonl").read_text().splitlines() if "val_knn_top1" in r]
+    train_rows, evaluation = metrics(out, "val_knn_top1")
     assert [r["step"] for r in train_rows] == [2, 4] and len(evaluation) == 1
     pretrained, random_init, cfg = demo.encoder_probes(out)
     assert cfg.train.objective == "mae" and cfg.model.mask_ratio == 0.75

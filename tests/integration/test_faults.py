@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_runs import ledger_steps
 from conftest import PRETRAIN, ROOT, TINY, run_env, shard_overrides
+from pipeline.checkpoint import complete_checkpoints, step_of
 
 SEED = int(os.environ.get("PIPELINE_FAULT_SEED", time.time_ns() % 2**32))
 RNG = random.Random(SEED)
@@ -52,8 +53,7 @@ class Run:
         return self.log_path.read_text(errors="replace")
 
     def steps(self, rank: int = 0) -> int:
-        path = self.out / "ledger" / f"rank{rank}.jsonl"
-        return sum(1 for line in path.read_text().splitlines() if line.endswith("}")) if path.is_file() else 0
+        return ledger_steps(self.out, rank)
 
     def until(self, condition, what: str, timeout: float = 240, poll: float = 0.05) -> None:
         deadline = time.monotonic() + timeout
@@ -161,8 +161,7 @@ def finish(run: Run, case: str, *, codes: set[int], fault_at: float, expected_st
 
 
 def complete_steps(out: Path) -> list[int]:
-    root = out / "checkpoints"
-    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+    return [step_of(p) for p in complete_checkpoints(out / "checkpoints")]
 
 
 def assert_checkpoints_sound(out: Path) -> None:
@@ -390,9 +389,10 @@ def test_a_refusal_comes_before_waiting_for_the_other_ranks(tmp_path, digits_sha
                     f"{time.monotonic() - started:.1f} s after the launch")
 
 
-def test_zz_outcomes(capsys):
-    """Runs last in this file: the sweep's cases and how each ended."""
-    with capsys.disabled():
-        print(f"\nfault sweep, seed {SEED}: {len(OUTCOMES)} cases")
-        for line in OUTCOMES:
-            print("  " + line)
+@pytest.fixture(scope="module", autouse=True)
+def outcomes_reported():
+    """After the module's tests: the sweep's cases and how each ended (shown with ``pytest -s``)."""
+    yield
+    print(f"\nfault sweep, seed {SEED}: {len(OUTCOMES)} cases")
+    for line in OUTCOMES:
+        print("  " + line)

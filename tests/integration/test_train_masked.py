@@ -13,6 +13,7 @@ import torch
 
 import masked_runs as runs
 from checkpoint_runs import ledger_lines, train_rows
+from conftest import metrics
 from pipeline.checkpoint import read_marker
 from pipeline.config import load_config
 from pipeline.checkpoint.export import consolidated_state_dict
@@ -26,8 +27,7 @@ def base(tmp_path_factory) -> Path:
 
 
 def rows(out: Path) -> tuple[list[dict], list[dict]]:
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "loss" in r], [r for r in lines if "val_loss" in r]
+    return metrics(out, "val_loss")
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

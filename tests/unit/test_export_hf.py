@@ -19,6 +19,7 @@ from PIL import Image
 from conftest import shard_overrides
 from pipeline.config import load_config
 from pipeline.data import build_eval_loader
+from pipeline.data.device_feed import Normalize
 from pipeline.checkpoint.export_meta import export_model, image_processor_config
 from pipeline.model import build_model, config_to_hf
 
@@ -34,7 +35,7 @@ def images_and_labels(cfg, shards) -> tuple[torch.Tensor, torch.Tensor]:
     for batch in build_eval_loader(data, image_size=cfg.model.image_hw, num_channels=1, rank=0, world_size=1):
         images.append(batch["image"][batch["valid"]])
         labels.append(batch["label"][batch["valid"]])
-    return (torch.cat(images).float() / 255 - 0.5) / 0.5, torch.cat(labels)
+    return Normalize(cfg.data.mean, cfg.data.std, 1)(torch.cat(images)), torch.cat(labels)
 
 
 @pytest.fixture(scope="module")
