@@ -20,7 +20,7 @@ def mae_noise(batch_size: int, num_patches: int, *, generator: torch.Generator) 
 
 def num_masked_blocks(num_blocks: int, mask_ratio: float) -> int:
     """ceil(num_blocks * mask_ratio), as the SimMIM paper's generator counts; the 1e-9 keeps a product
-    that is an integer up to float error (0.7 * 10 = 7.000000000000001) from rounding up."""
+    that is an integer up to float error (25 * 0.28 = 7.000000000000001) from rounding up."""
     return math.ceil(num_blocks * mask_ratio - 1e-9)
 
 

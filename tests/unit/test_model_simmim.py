@@ -91,12 +91,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads["all"][name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("image_size, patch, block, ratio", [(16, 4, 8, 0.6), ((32, 48), 4, 8, 0.6),
-                                                             (16, (2, 4), 8, 0.5), (20, 2, 4, 0.7)])
-def test_mask_generator_masks_whole_blocks_at_the_ratio(image_size, patch, block, ratio):
+# expected: ceil(blocks * ratio), by hand; 25 x 0.28 and 50 x 0.14 are 7.000000000000001 in floats
+@pytest.mark.parametrize("image_size, patch, block, ratio, expected", [
+    (16, 4, 8, 0.6, 3), ((32, 48), 4, 8, 0.6, 15), (16, (2, 4), 8, 0.5, 2), (20, 2, 4, 0.7, 18),
+    (20, 2, 4, 0.28, 7), ((20, 40), 4, 4, 0.14, 7)])
+def test_mask_generator_masks_whole_blocks_at_the_ratio(image_size, patch, block, ratio, expected):
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     patch_h, patch_w = (patch, patch) if isinstance(patch, int) else patch
-    blocks = (height // block) * (width // block)
     mask = simmim_mask(64, image_size=image_size, patch_size=patch, mask_patch_size=block, mask_ratio=ratio,
                        generator=torch.Generator().manual_seed(0))
     grid_h, grid_w = height // patch_h, width // patch_w
@@ -105,7 +106,6 @@ def test_mask_generator_masks_whole_blocks_at_the_ratio(image_size, patch, block
     per_block = mask.view(64, height // block, block // patch_h, width // block, block // patch_w)[:, :, 0, :, 0]
     assert torch.equal(mask, per_block.repeat_interleave(block // patch_h, 1)
                        .repeat_interleave(block // patch_w, 2).flatten(1))
-    expected = num_masked_blocks(blocks, ratio)
     assert (per_block.flatten(1).sum(dim=1) == expected).all()
     assert len({tuple(row.tolist()) for row in mask}) > 1  # samples differ
 
@@ -113,7 +113,8 @@ def test_mask_generator_masks_whole_blocks_at_the_ratio(image_size, patch, block
 def test_mask_count_is_the_papers_ceiling():
     assert num_masked_blocks(36, 0.6) == 22  # SimMIM at 192 px / 32: ceil(21.6)
     assert num_masked_blocks(49, 0.6) == 30  # ceil(29.4), where rounding would give 29
-    assert num_masked_blocks(10, 0.7) == 7  # 0.7 * 10 is 7.000000000000001 in floats
+    assert num_masked_blocks(25, 0.28) == 7 and num_masked_blocks(50, 0.14) == 7  # 7.000000000000001 in floats
+    assert 25 * 0.28 > 7 and 50 * 0.14 > 7  # (so the ceiling alone would give 8)
     assert num_masked_blocks(16, 0.0) == 0 and num_masked_blocks(16, 1.0) == 16
 
 

@@ -1,5 +1,6 @@
 """Parameter groups, the LR schedule across a resume, and metrics rows across a resume."""
 import json
+import sys
 
 import pytest
 import torch
@@ -93,14 +94,16 @@ def test_a_fresh_start_over_an_old_run_starts_a_fresh_metrics_file(tmp_path):
 ROW = {"loss": 1.2345, "lr": 3e-4, "samples_per_s": 812.4, "data_wait_fraction": 0.021, "step_time_s": 0.5}
 
 
-def test_without_a_terminal_each_row_is_one_plain_progress_line(caplog):
+def test_without_a_terminal_each_row_is_one_plain_progress_line(caplog, monkeypatch):
     """Slurm's output file is not a terminal: no bar, but one line per metrics row with what a
     user watches (step, loss, lr, img/s, data wait, ETA). The same with train.progress_bar=false."""
+    import io
     import logging
 
     from pipeline.metrics import Progress
 
-    for bar in (True, False):  # pytest's stderr is not a terminal
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, however pytest was started (-s, a tty)
+    for bar in (True, False):
         progress = Progress(100, initial=0, enabled=True, bar=bar)
         assert progress._bar is None
         with caplog.at_level(logging.INFO, logger="pipeline.metrics"):
