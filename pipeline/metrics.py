@@ -134,7 +134,9 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2
         return float("nan")
-    return measure_matmul_flops(dtype, size=1024, repeats=4)
+    # 256: bf16 matmuls on CPUs without bf16 instructions are slow, and a 1024 one cost each rank
+    # 11 s of CPU at every start, to reach a lower best than 256 does (docs/DECISIONS.md)
+    return measure_matmul_flops(dtype, size=256, repeats=4)
 
 
 def measure_matmul_flops(dtype: torch.dtype, *, size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:

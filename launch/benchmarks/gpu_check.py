@@ -260,7 +260,8 @@ def resume(plan: Plan, runs: Runs) -> list[dict]:
 
 
 def export(plan: Plan, runs: Runs) -> list[dict]:
-    """The last resume run, exported and loaded by transformers: the same logits as our own model."""
+    """The last resume run, exported and loaded by transformers: the same logits as our own model
+    (both in fp32 on the CPU: within 1e-5, the export tests' tolerance)."""
     source = runs.out / f"resume-cut-zero{plan.resume['stages'][-1]}"
     target = runs.out / "export"
     command = [sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(source), "--out", str(target)]
@@ -270,7 +271,7 @@ def export(plan: Plan, runs: Runs) -> list[dict]:
     difference = float(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else None
     return [{"name": "export -> transformers", "rc": done.returncode, "max_logit_difference": difference,
              "error": (done.stderr or check.stderr)[-500:] if difference is None else None,
-             "ok": done.returncode == 0 and difference is not None and difference <= 1e-4}]
+             "ok": done.returncode == 0 and difference is not None and difference <= 1e-5}]
 
 
 _COMPARE = """

@@ -78,6 +78,7 @@ class Pair:
     first: Launch  # stopped by SIGUSR1
     second: Launch  # the same command again: resumes
     stopped_at: int
+    first_status: str | None  # the stopped run's exit_status, before the resumed run rewrites it
 
 
 def preempted_pair(base: Path, shards: Path, objective: str) -> Pair:
@@ -93,7 +94,9 @@ def preempted_pair(base: Path, shards: Path, objective: str) -> Pair:
             os.kill(pid, signal.SIGUSR1)
         first.wait()
         stopped_at = ledger_steps(out, 0)
+        first_status = (out / "exit_status").read_text().strip() if (out / "exit_status").is_file() else None
         second = launch(PRETRAIN, out, args)
         second.wait(timeout=300)
-        _CACHE[key] = Pair(full=full, first=first, second=second, stopped_at=stopped_at)
+        _CACHE[key] = Pair(full=full, first=first, second=second, stopped_at=stopped_at,
+                           first_status=first_status)
     return _CACHE[key]

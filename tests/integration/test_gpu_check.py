@@ -27,5 +27,5 @@ def test_gpu_check_runs_every_phase_on_tiny_sizes(tmp_path):
     assert matrix["name"] == "matrix-bf16-zero3" and matrix["last_loss"] < matrix["first_loss"]
     (resumed,) = results["resume"]
     assert resumed["stopped_status"] == "75" and resumed["losses_bitwise"] and resumed["ledgers_equal"]
-    assert results["export"][0]["max_logit_difference"] <= 1e-4
+    assert results["export"][0]["max_logit_difference"] <= 1e-5  # the export tests' tolerance: "the same logits"
     assert "ok   resume" in result.stdout and "FAIL" not in result.stdout

@@ -8,18 +8,36 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import PRETRAIN, ROOT, TINY, metrics, run_env, shard_overrides, torchrun
+from guarded_pretrain import findings
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
 
 
 def guard_reports(out: Path) -> list[dict]:
     return [json.loads((out / f"guard_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+# DeepSpeed's own host reads per steady-state step (docs/PERFORMANCE.md), DeepSpeed 0.19.8, at
+# the precision each stage runs with below: its gradient-norm checks (3 at ZeRO-1/2, 1 at ZeRO-3)
+# and, in bf16 at ZeRO-1/2, the overflow flag's .item(); at ZeRO-0 the step is ours and
+# DeepSpeed's engine, and none wait. (ZeRO-3 reads more in steps 1-2, while it sets itself up.)
+DEEPSPEED_READS_PER_STEP = {0: 0, 1: 3, 2: 4, 3: 1}
+
+
+def deepspeed_reads_per_step(report: dict, steps: range) -> int:
+    """The most common count of DeepSpeed's host reads in the training part of ``steps``."""
+    per_step = dict.fromkeys(steps, 0)
+    for row in report["syncs"]:
+        if row["phase"] == "step" and row["origin"].startswith("deepspeed") and row["step"] + 1 in per_step:
+            per_step[row["step"] + 1] += row["count"]
+    return Counter(per_step.values()).most_common(1)[0][0]
 
 
 # Every stage and both precisions, each stage once: the other pairs run elsewhere with the same
@@ -35,12 +53,12 @@ def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precis
                           "checkpoint.every_steps=15"], script=GUARDED)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "exit_status").read_text().strip() == "0"
+    # every collective of the device's group got device tensors, and our code never waits for the
+    # device in a steady-state step (at ZeRO-0 nobody's does after step 1); test_guard.py plants
+    # faults to show that this check fails when it should
+    assert findings(out, whole_step=stage == 0) == []
     for report in guard_reports(out):
-        assert report["refused"] == []  # every collective of the device's group got device tensors
-        ours = [row for row in report["syncs"] if row["phase"] == "step" and row["origin"].startswith("pipeline")]
-        assert ours == []  # our code never waits for the device in a steady-state step
-        if stage == 0:  # there the whole step is ours and DeepSpeed's engine: nothing waits after warm-up
-            assert [row for row in report["syncs"] if row["phase"] == "step" and row["step"] > 0] == []
+        assert deepspeed_reads_per_step(report, range(3, 31)) == DEEPSPEED_READS_PER_STEP[stage]
     train_rows, val_rows = metrics(out)
     assert [r["step"] for r in train_rows] == list(range(5, 31, 5))
     losses = [r["loss"] for r in train_rows]

@@ -10,7 +10,6 @@ import random
 import shutil
 import signal
 import subprocess
-import time
 import zipfile
 from pathlib import Path
 
@@ -337,25 +336,42 @@ def test_saves_skip_the_crc32_that_torch_load_never_checks(tmp_path):
 
 
 def test_old_checkpoints_go_in_the_background_never_during_a_save(tmp_path, no_dist, monkeypatch):
-    events, real_prune = [], ckpt.prune
+    import threading
 
-    def slow_prune(root, keep_last):
+    events, real_prune, real_wait = [], ckpt.prune, checkpoint_saving.wait_for_prune
+    pruning, release, save_waits = threading.Event(), threading.Event(), threading.Event()
+
+    def held_prune(root, keep_last):  # runs until the test releases it: no timing involved
         events.append("prune starts")
-        time.sleep(0.3)
+        pruning.set()
+        assert release.wait(60)
         real_prune(root, keep_last=keep_last)
         events.append("prune ends")
+
+    def wait_for_prune():
+        save_waits.set()
+        real_wait()
 
     class RecordingEngine(FakeEngine):
         def save_checkpoint(self, *args, **kwargs):
             events.append("save writes")
             super().save_checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint_saving, "prune", slow_prune)
+    monkeypatch.setattr(checkpoint_saving, "prune", held_prune)
+    monkeypatch.setattr(checkpoint_saving, "wait_for_prune", wait_for_prune)
     engine = RecordingEngine()
-    for step in (1, 2, 3):
+    release.set()
+    for step in (1, 2):
         save(engine, tmp_path, step)  # keep_last=2
-    assert events[-1] == "prune starts"  # save 3 returned while its prune still runs
-    save(engine, tmp_path, 4)
+    release.clear(), pruning.clear()
+    save(engine, tmp_path, 3)
+    assert pruning.wait(60) and events[-1] == "prune starts"  # save 3 returned while its prune still runs
+    save_waits.clear()
+    saving = threading.Thread(target=save, args=(engine, tmp_path, 4))
+    saving.start()
+    assert save_waits.wait(60) and events[-1] == "prune starts"  # save 4 waits, and has written nothing
+    release.set()
+    saving.join(60)
     assert events[-4:] == ["prune starts", "prune ends", "save writes", "prune starts"]
     ckpt.wait_for_prune()
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step-3", "step-4"]

@@ -78,8 +78,15 @@ def test_hf_image_pipeline_classifies_digits_by_class_name(trained, digits_shard
                                                 batch_size=64)]
     truth = [str(int(s["cls"])) for s in val]
     assert sum(g == t for g, t in zip(got, truth)) / len(val) >= 0.8  # it classifies digits
-    # ... the way the run's own evaluation does (the same images, in the same order).
-    assert sum(g == str(int(o)) for g, o in zip(got, ours)) / len(val) >= 0.97
+    # ... the way the run's own evaluation does (the same images, in the same order). The inputs
+    # differ by at most one uint8 level (PIL resizes to uint8, the eval transform rounds the same
+    # resize differently on a few pixels; measured: max 1/127.5 after normalization, mean 2e-4),
+    # which can flip a near-tie: at most one image of 179 (measured: none).
+    theirs = classify.image_processor([Image.open(io.BytesIO(s["png"])).convert("RGB") for s in val],
+                                      return_tensors="pt")["pixel_values"]
+    assert theirs.shape == (len(val), 3, *x.shape[2:]) and torch.equal(theirs[:, :1], theirs[:, 2:])
+    assert (theirs[:, :1] - x).abs().max() <= 1 / 127.5 + 1e-6
+    assert sum(g != str(int(o)) for g, o in zip(got, ours)) <= 1
 
 
 def test_processor_config_repeats_the_eval_transform(trained):

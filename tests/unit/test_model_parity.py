@@ -97,7 +97,7 @@ def test_attentions_and_hidden_states_match(case):
     assert_close(mine.logits, ref.logits)
     assert len(mine.attentions) == len(ref.attentions) == BASE["num_hidden_layers"]
     assert len(mine.hidden_states) == len(ref.hidden_states) == BASE["num_hidden_layers"] + 1
-    for a, b in zip(mine.attentions, ref.attentions):
+    for a, b in zip(mine.attentions, ref.attentions, strict=True):
         assert_close(a, b)
     for a, b in zip(mine.hidden_states, ref.hidden_states):
         assert_close(a, b)
@@ -117,7 +117,8 @@ def test_head_mask_matches(mask, output_attentions):
     assert_close(mine.logits, ref.logits)
     assert (mine.logits - unmasked.logits).abs().max() > 1e-3  # the mask did something
     if output_attentions:
-        for a, b in zip(mine.attentions, ref.attentions):
+        assert len(ref.attentions) == BASE["num_hidden_layers"]  # an empty tuple would zip to nothing
+        for a, b in zip(mine.attentions, ref.attentions, strict=True):
             assert_close(a, b)
 
 
@@ -134,7 +135,9 @@ def test_prune_heads_matches(impl):
     with torch.no_grad():
         assert_close(ours(x).logits, hf(x).logits)
         if impl == "eager":
-            for a, b in zip(ours(x, output_attentions=True).attentions, hf(x, output_attentions=True).attentions):
+            ours_attentions, hf_attentions = ours(x, output_attentions=True).attentions, hf(x, output_attentions=True).attentions
+            assert len(hf_attentions) == 3  # one per layer: an empty tuple would zip to nothing
+            for a, b in zip(ours_attentions, hf_attentions, strict=True):
                 assert_close(a, b)
 
 

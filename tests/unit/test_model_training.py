@@ -127,6 +127,20 @@ def test_init_statistics():
     assert abs(backbone.embeddings.cls_token.std().item() - std) < 0.2 * std  # 384 values
 
 
+def test_init_truncates_at_2_absolute_as_hf_does():
+    """At std 0.05 the cut at +-2 is 40 sigma away and never shows. At std 2 it is at +-1 sigma:
+    an untruncated normal puts 32% of its values beyond it, a truncated one has std
+    2 * sqrt(1 - 2 phi(1) / (Phi(1) - Phi(-1))) = 1.079 instead of 2."""
+    import math
+
+    std = 2.0
+    cfg = ModelConfig(**MODEL_SIZES["tiny"], num_labels=10, initializer_range=std)
+    weight = build_model(cfg).vit.encoder.layer[0].intermediate.dense.weight  # 16384 values
+    assert weight.abs().max() <= 2.0
+    phi, mass = math.exp(-0.5) / math.sqrt(2 * math.pi), math.erf(1 / math.sqrt(2))
+    assert abs(weight.std().item() - std * math.sqrt(1 - 2 * phi / mass)) < 0.03
+
+
 def test_label_smoothing_and_label_checks():
     cfg = SIZES["tiny"]
     model = build_model(cfg).eval()
