@@ -73,6 +73,9 @@ def test_mae_demo_config_trains_and_its_encoder_is_probed(tmp_path, digits_shard
     assert [r["step"] for r in train_rows] == [2, 4] and len(evaluation) == 1
     pretrained, random_init, cfg = demo.encoder_probes(out)
     assert cfg.train.objective == "mae" and cfg.model.mask_ratio == 0.75
-    for figures in (pretrained, random_init):
-        assert set(figures) == {"knn_top1", "linear_top1"}
-        assert all(0.1 < value <= 1.0 for value in figures.values())  # ten classes: above chance, features work
+    assert set(pretrained) == set(random_init) == {"knn_top1", "linear_top1"}
+    # A random encoder's features already sort digits well above chance (0.1): measured with this
+    # config's model seeded 0, 1, 2, k-NN 0.65 / 0.64 / 0.62, linear 0.86 / 0.90 / 0.88. Four steps
+    # into a 100-step warm-up the encoder has barely moved: it stays at that baseline.
+    assert random_init["knn_top1"] > 0.5 and random_init["linear_top1"] > 0.75, random_init
+    assert all(random_init[k] - 0.1 <= pretrained[k] <= 1.0 for k in pretrained), (pretrained, random_init)
