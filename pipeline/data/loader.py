@@ -300,7 +300,8 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
                         f"({cfg.batch_size} x {world_size} ranks = {layout.global_batch}); lower data.batch_size")
     hw = _image_hw(image_size)
     decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
-                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
+                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels,
+                                         auto_augment=cfg.auto_augment, mean=tuple(cfg.mean)),
                          num_channels, hw, label_mode(sample_keys))
     if rank == 0:
         log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "
