@@ -6,6 +6,8 @@ written into class folders in a temporary directory and sharded with ``make_shar
 - ceiling: decode + RandomResizedCrop of the same bytes in a tight loop, one thread, no tar,
   no loader (what a worker could do at best);
 - transform: the full worker transform (decode, crop, flip; uint8) in the same loop;
+- auto_augment: that transform with and without ``data.auto_augment`` (``--auto-augment``,
+  default rand-m9-mstd0.5-inc1; '' skips it), alternated, CPU time (goal: >= 0.75x);
 - loader: the real training loader (tar reading, shuffle buffer, decode, augment, collate,
   transfer to the main process; normalization happens on the trainer's device) with 0
   (in-process), 1 and 2 workers,
