@@ -35,7 +35,8 @@ def position_copy(layout: TrainLayout, epoch: int, rank: int, j: int) -> tuple[i
     return divmod(global_position, repeats)
 
 
-def slot_picks(layout: TrainLayout, epoch: int, rank: int, slot: int) -> tuple[list[Segment], int, list[tuple[int, int]]]:
+def slot_picks(layout: TrainLayout, epoch: int, rank: int, slot: int
+               ) -> tuple[list[Segment], int, list[tuple[int, int]]]:
     """What one slot reads and hands out in ``epoch``: (segments of the cycle's order to read,
     the first segment's position in that order, [(position in the cycle's order, copy)] for each
     of the slot's positions, in order)."""

@@ -61,8 +61,8 @@ def test_posterize_to_zero_bits_is_black_not_an_error():
 
 
 def test_seeded_per_sample_and_picklable_through_the_decoder():
-    transform = train_transform((32, 32), augment="rrc", crop_scale=(0.5, 1.0), hflip=True, shift_pixels=0, auto_augment=SPEC,
-                                mean=(0.5, 0.5, 0.5))
+    transform = train_transform((32, 32), augment="rrc", crop_scale=(0.5, 1.0), hflip=True, shift_pixels=0,
+                                auto_augment=SPEC, mean=(0.5, 0.5, 0.5))
     transform = pickle.loads(pickle.dumps(transform))  # what a spawned worker gets
     from torchvision.io import encode_png
     data = bytearray(encode_png(_image(3, size=48)).numpy().tobytes())
