@@ -32,7 +32,8 @@ AUGMENTATIONS = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2",
 # guard or the same engine (mae/simmim at bf16 ZeRO 0-3 in test_train_masked.py; fp32 ZeRO 0-3 in
 # the checkpoint runs; bf16 ZeRO-2 in test_train_compile.py; bf16 ZeRO-3 in test_clean_exit.py).
 @pytest.mark.parametrize("stage, precision, extra", [(0, "bf16", []), (1, "fp32", []), (2, "bf16", AUGMENTATIONS),
-                                                     (3, "fp32", [])])
+                                                     (3, "fp32", [])],
+                         ids=["0-bf16", "1-fp32", "2-bf16-augmented", "3-fp32"])
 def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision, extra):
     out = tmp_path / "run"
     # Rows every 5 steps, evaluation at 10, checkpoints at 15: steps in between are steady-state steps.
