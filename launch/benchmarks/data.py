@@ -6,6 +6,8 @@ written into class folders in a temporary directory and sharded with ``make_shar
 - ceiling: decode + RandomResizedCrop of the same bytes in a tight loop, one thread, no tar,
   no loader (what a worker could do at best);
 - transform: the full worker transform (decode, crop, flip; uint8) in the same loop;
+- auto_augment: that transform with and without ``data.auto_augment`` (``--auto-augment``,
+  default rand-m9-mstd0.5-inc1; '' skips it), alternated, CPU time (goal: >= 0.75x);
 - loader: the real training loader (tar reading, shuffle buffer, decode, augment, collate,
   transfer to the main process; normalization happens on the trainer's device) with 0
   (in-process), 1 and 2 workers,
@@ -41,7 +43,8 @@ from pipeline.data.shards import write_shards
 from pipeline.data.transforms import decode, train_transform
 from pipeline.heap import keep_heap
 
-DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=5.0, rounds=3, seed=0)
+DEFAULTS = dict(images=256, image_size=224, batch_size=32, workers=[0, 1, 2], seconds=5.0, rounds=3, seed=0,
+                auto_augment="rand-m9-mstd0.5-inc1")
 
 
 def synthetic_jpegs(count: int, seed: int, height: int = 375, width: int = 500) -> list[bytes]:
@@ -90,7 +93,8 @@ class FullTransform:
 
     def __init__(self, size: int, cfg: DataConfig):
         self.transform = train_transform((size, size), augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
-                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels)
+                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels,
+                                         auto_augment=cfg.auto_augment, mean=tuple(cfg.mean))
 
     def __call__(self, data: bytes) -> torch.Tensor:
         return self.transform(decode(data, 3))
@@ -140,6 +144,21 @@ def loader_rate(cfg: DataConfig, size: int, seconds: float) -> dict:
             "first_batch_s": round(first, 2), "images_timed": done}
 
 
+def auto_augment_cost(jpegs: list[bytearray], size: int, base: DataConfig, spec: str, seconds: float,
+                      rounds: int) -> dict:
+    """Decode + crop + flip with and without ``data.auto_augment``, alternated (``rounds`` times each,
+    so load on a shared machine hits both); the median of the per-round CPU-time ratios."""
+    plain = FullTransform(size, base)
+    augmented = FullTransform(size, DataConfig(**{**base.__dict__, "auto_augment": spec}))
+    pairs = [(tight_loop(jpegs, plain, seconds / 2), tight_loop(jpegs, augmented, seconds / 2))
+             for _ in range(max(1, rounds))]
+    return {"spec": spec,
+            "without_images_per_cpu_s": statistics.median(a["images_per_cpu_s"] for a, _ in pairs),
+            "with_images_per_cpu_s": statistics.median(b["images_per_cpu_s"] for _, b in pairs),
+            "with_vs_without": round(statistics.median(b["images_per_cpu_s"] / a["images_per_cpu_s"]
+                                                       for a, b in pairs), 3)}
+
+
 def run(args: argparse.Namespace | None = None) -> dict:
     """Run the benchmark; ``args`` may set images, image_size, batch_size, workers, seconds, rounds, seed."""
     opts = {k: getattr(args, k, None) if getattr(args, k, None) is not None else v for k, v in DEFAULTS.items()}
@@ -169,6 +188,9 @@ def run(args: argparse.Namespace | None = None) -> dict:
                 "transform_tight_loop": tight_loop(jpegs, FullTransform(size, base), seconds),
                 "loader": {},
             }
+            if opts["auto_augment"]:
+                result["auto_augment"] = auto_augment_cost(jpegs, size, base, opts["auto_augment"], seconds,
+                                                           opts["rounds"])
             # Rounds: every loader setting once per round, each next to its own ceiling measurement
             # (the mean of one just before and one just after), so that load changes on a shared
             # machine hit both sides of a ratio; the median over rounds is the figure.

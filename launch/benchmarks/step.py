@@ -30,7 +30,7 @@ OBJECTIVES = ("classification", "mae", "simmim")
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True,
-                overrides=[])
+                overrides=[], augment=[])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overrides", nargs="+", metavar="KEY=VALUE",
                         help="config overrides for every step, as the trainer takes them (e.g. a smaller "
                              "MAE decoder: model.decoder_hidden_size=64)")
+    parser.add_argument("--augment", nargs="+", metavar="KEY=VALUE",
+                        help="also time each ZeRO stage with these overrides added (e.g. data.mixup=0.8 "
+                             "data.cutmix=1.0 data.reprob=0.25), as zero<N>_augmented, in the same rounds; "
+                             "vs_unaugmented = its median / zero<N>'s")
 
 
 def contender_name(objective: str, step: str) -> str:
@@ -61,10 +65,10 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
     clock = CLOCKS[opts["clock"]]
     contenders = {}
     for objective in opts["objectives"]:
-        def config(stage: int = 0):
+        def config(stage: int = 0, augment: tuple = ()):
             return training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
                                                image_size=opts["image_size"], zero_stage=stage, objective=objective,
-                                               extra=list(opts["overrides"]))
+                                               extra=[*opts["overrides"], *augment])
 
         images, labels = training_steps.synthetic_batch(config())
         if opts["plain"]:
@@ -75,6 +79,11 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
             step, _ = training_steps.engine_step(config(stage), training_steps.build_seeded_model(config(stage)),
                                                  images, labels, clock=clock)
             contenders[contender_name(objective, f"zero{stage}")] = (objective, f"zero{stage}", step)
+            if opts["augment"]:  # the device-side batch augmentations (mixup, cutmix, erasing) on top
+                augmented = config(stage, tuple(opts["augment"]))
+                step, _ = training_steps.engine_step(augmented, training_steps.build_seeded_model(augmented),
+                                                     images, labels, clock=clock)
+                contenders[contender_name(objective, f"zero{stage}_augmented")] = (objective, f"zero{stage}", step)
     return contenders
 
 
@@ -105,6 +114,9 @@ def run_precision(opts: dict, precision: str) -> dict:
     for name, s in stats.items():
         plain = stats.get(contender_name(s["objective"], "plain_adamw"))
         s["overhead_pct"] = round(100 * (s["median_s"] / plain["median_s"] - 1), 1) if plain else None
+        if name.endswith("_augmented"):
+            s["vs_unaugmented"] = round(s["median_s"] / stats[name[:-len("_augmented")]]["median_s"], 4)
+            continue
         reference = stats.get(s["step"])  # classification's contender of the same kind
         if s["objective"] != "classification" and reference:
             s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
@@ -137,7 +149,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "overhead_%": s["overhead_pct"],
                                    "vs_classification": s.get("cost_vs_classification"),
                                    "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
-                                   "first_loss": s["first_loss"]})
+                                   "first_loss": s["first_loss"], "vs_unaugmented": s.get("vs_unaugmented")})
     overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
                  if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,  # None: no plain step timed

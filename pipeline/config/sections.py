@@ -16,6 +16,10 @@ AUGMENTS = ("rrc", "shift", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Training objectives (pipeline/tasks): supervised classification, or masked-image pretraining.
 OBJECTIVES = ("classification", "mae", "simmim")
+# data.mixup_mode, as timm's Mixup: one lambda per batch, per pair of samples, or per sample.
+MIXUP_MODES = ("batch", "pair", "elem")
+# data.remode, as timm's RandomErasing: fill with 0, a normal colour per box, or normal noise per pixel.
+ERASE_MODES = ("const", "rand", "pixel")
 # Features a k-NN probe compares: the final CLS token, or the mean of the patch tokens.
 PROBE_FEATURES = ("cls", "mean")
 
@@ -40,6 +44,17 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples failed to decode
     eval_batch_size: int | None = None  # defaults to batch_size
+    # Augmentations of the DeiT/MAE recipes, named and meant as timm's flags; all off by default.
+    auto_augment: str | None = None  # timm spec, e.g. "rand-m9-mstd0.5-inc1" (RandAugment), in the workers
+    mixup: float = 0.0  # mixup Beta alpha (timm --mixup); 0 = off. On the device, classification only
+    cutmix: float = 0.0  # cutmix Beta alpha (timm --cutmix); 0 = off
+    mixup_prob: float = 1.0  # probability of mixing a batch (or sample) at all
+    mixup_switch_prob: float = 0.5  # with both on: probability of cutmix instead of mixup
+    mixup_mode: str = "batch"  # "batch", "pair" or "elem": how often lambda is drawn
+    reprob: float = 0.0  # random erasing probability per sample (timm --reprob); 0 = off. On the device
+    remode: str = "pixel"  # "const", "rand" or "pixel" fill of an erased box
+    recount: int = 1  # erased boxes per sample: 1..recount, uniform
+    aug_repeats: int = 1  # repeated augmentation (DeiT's RASampler): copies of each sample; 1 = off
 
     def __post_init__(self) -> None:
         require(self.batch_size > 0, f"data.batch_size must be positive, got {self.batch_size}")
@@ -59,7 +74,35 @@ class DataConfig:
                 f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
         require(self.eval_batch_size is None or self.eval_batch_size > 0,
                 f"data.eval_batch_size must be positive, got {self.eval_batch_size}")
+        self._check_recipe_augmentations()
         require(bool(self.train_shards), "data.train_shards is empty; give a path or brace pattern of .tar shards")
+
+    @property
+    def mixes(self) -> bool:
+        """Mixup or cutmix is on: training targets are soft (label smoothing folded in)."""
+        return self.mixup > 0 or self.cutmix > 0
+
+    def _check_recipe_augmentations(self) -> None:
+        spec = self.auto_augment
+        require(spec is None or (isinstance(spec, str) and spec.startswith("rand") and
+                                 all(part[:1].isalpha() for part in spec.split("-")[1:])),
+                f"data.auto_augment {spec!r} is not a RandAugment spec; use timm's form, e.g. "
+                "rand-m9-mstd0.5-inc1, or null")
+        for name in ("mixup", "cutmix"):
+            require(getattr(self, name) >= 0, f"data.{name} must be >= 0 (a Beta alpha; 0 = off), "
+                                              f"got {getattr(self, name)}")
+        for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+            value = getattr(self, name)
+            require(0 <= value <= 1, f"data.{name} must be in [0, 1], got {value}")
+        require(self.mixup_mode in MIXUP_MODES,
+                f"data.mixup_mode '{self.mixup_mode}' is unknown; use one of {', '.join(MIXUP_MODES)}")
+        require(self.remode in ERASE_MODES,
+                f"data.remode '{self.remode}' is unknown; use one of {', '.join(ERASE_MODES)}")
+        require(self.recount >= 1, f"data.recount must be >= 1, got {self.recount}")
+        require(self.aug_repeats >= 1, f"data.aug_repeats must be >= 1 (1 = off), got {self.aug_repeats}")
+        require(not self.mixes or self.batch_size % 2 == 0,
+                f"data.batch_size={self.batch_size} is odd; mixup/cutmix pair each sample with the batch's "
+                "mirror image: use an even data.batch_size, or data.mixup=0 and data.cutmix=0")
 
 
 @dataclass
@@ -179,6 +222,9 @@ class Config:
 
     def __post_init__(self) -> None:
         self.model.check_objective(self.train.objective)  # what one objective needs of the model
+        require(self.train.objective == "classification" or not (self.data.mixes or self.data.reprob),
+                f"data.mixup/cutmix/reprob apply to labelled classification only, not train.objective="
+                f"{self.train.objective}; set them to 0")
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -30,6 +30,7 @@ from pipeline.config import DataConfig
 from .batch_ring import DATALOADER_PREFETCH, BatchRing
 from .errors import DataError
 from .partition import TrainLayout, mix_seed
+from .repeats import RepeatReader, slot_picks
 from .sources import Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, Refill, SkipBad, SliceReader, TrainBatches, replayed_positions,
                      seeded_shuffle)
@@ -101,11 +102,17 @@ class TrainStream(IterableDataset):
                       ) -> Iterator[dict]:
         """Batches ``first_batch``.. of the slot's slice in ``epoch``, after ``consumed`` items."""
         layout, where = self.layout, f"rank {self.rank} slot {slot} epoch {epoch}"
-        segments = layout.slot_segments(epoch, self.rank, slot)
-        length = sum(len(s) for s in segments)
-        shuffle_seed = mix_seed(layout.seed, epoch, self.rank, slot, "shuffle")
-        replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
-        reader = SliceReader(self.urls, layout.shard_offsets, segments, replayed)
+        if layout.aug_repeats > 1:  # copies of each sample across ranks (repeats.py); one shuffle for all ranks
+            segments, first, picks = slot_picks(layout, epoch, self.rank, slot)
+            length, shuffle_seed = len(picks), mix_seed(layout.seed, epoch, slot, "shuffle-repeats")
+            replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
+            reader = RepeatReader(self.urls, layout.shard_offsets, segments, first, picks, replayed)
+        else:
+            segments = layout.slot_segments(epoch, self.rank, slot)
+            length = sum(len(s) for s in segments)
+            shuffle_seed = mix_seed(layout.seed, epoch, self.rank, slot, "shuffle")
+            replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
+            reader = SliceReader(self.urls, layout.shard_offsets, segments, replayed)
         decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, seed=layout.seed, epoch=epoch,
                               labels=self.decoding.labels)
         return iter(wds.DataPipeline(
@@ -155,7 +162,8 @@ class TrainLoader:
         return {"epoch": self.epoch, "batches": self.batches, "world_size": lay.world_size,
                 "num_workers": self.num_workers, "batch_size": lay.batch_size, "num_samples": lay.num_samples,
                 "seed": lay.seed, "consumed": list(self.consumed), "bad": self.bad, "seen": self.seen,
-                "bad_shards": dict(self.bad_shards)}
+                "bad_shards": dict(self.bad_shards),
+                **({"aug_repeats": lay.aug_repeats} if lay.aug_repeats > 1 else {})}
 
     def set_state(self, state: dict) -> None:
         lay = self.layout
@@ -168,6 +176,13 @@ class TrainLoader:
         if max(1, int(saved["num_workers"])) == lay.num_slots:  # 0 and 1 workers: the same stream
             saved["num_workers"] = self.num_workers
         changed = {k: (saved.get(k), v) for k, v in same.items() if saved.get(k) != v}
+        repeats = int(state.get("aug_repeats", 1))
+        if (changed or repeats != lay.aug_repeats) and max(repeats, lay.aug_repeats) > 1:
+            changed.update({"aug_repeats": (repeats, lay.aug_repeats)} if repeats != lay.aug_repeats else {})
+            what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+            raise DataError(f"data.aug_repeats: the checkpoint's data layout differs ({what}) and repeated "
+                            "augmentation cannot continue its cycle on another one; resume with the same world size, "
+                            "data.num_workers, data.batch_size and data.aug_repeats")
         if not changed:
             self.epoch, self.batches = epoch, batches
             self.consumed = list(state.get("consumed") or
@@ -294,13 +309,14 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
     if shards is None:
         shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
     layout = TrainLayout(tuple(s.num_samples for s in shards), cfg.batch_size, world_size,
-                         max(1, cfg.num_workers), seed)
+                         max(1, cfg.num_workers), seed, aug_repeats=cfg.aug_repeats)
     if layout.steps_per_epoch == 0:
         raise DataError(f"data.train_shards hold {layout.num_samples} samples, fewer than one global batch "
                         f"({cfg.batch_size} x {world_size} ranks = {layout.global_batch}); lower data.batch_size")
     hw = _image_hw(image_size)
     decoding = _Decoding(train_transform(hw, augment=cfg.augment, crop_scale=tuple(cfg.crop_scale),
-                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels),
+                                         hflip=cfg.hflip, shift_pixels=cfg.shift_pixels,
+                                         auto_augment=cfg.auto_augment, mean=tuple(cfg.mean)),
                          num_channels, hw, label_mode(sample_keys))
     if rank == 0:
         log.info("data: %d training samples in %d shards; %d steps per epoch of %d x %d ranks; %d left out per "

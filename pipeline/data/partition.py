@@ -72,6 +72,7 @@ class TrainLayout:
     world_size: int
     num_slots: int  # DataLoader workers per rank (1 when loading in the main process)
     seed: int
+    aug_repeats: int = 1  # > 1: epochs come in cycles of repeated samples, mapped by repeats.py
 
     @property
     def num_samples(self) -> int:

@@ -198,8 +198,10 @@ class DecodeSample:
         if ext is None:
             raise BadSample(key, f"no image (one of {', '.join(IMAGE_EXTENSIONS)})", url)
         if self.seed is not None:
-            torch.default_generator.manual_seed(
-                mix_seed(self.seed, self.epoch, sample["__sid__"], sample.get("__refill__", 0)))
+            parts = (self.seed, self.epoch, sample["__sid__"], sample.get("__refill__", 0))
+            if "__copy__" in sample:  # data.aug_repeats: each copy of a sample is augmented on its own
+                parts += ("copy", sample["__copy__"])
+            torch.default_generator.manual_seed(mix_seed(*parts))
         try:
             image = self.transform(decode(sample[ext], self.num_channels))
         except Exception as error:

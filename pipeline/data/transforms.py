@@ -12,8 +12,11 @@ reduced to one; anything else is refused, and the sample is counted as bad.
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2 import functional as F
@@ -98,9 +101,102 @@ class CropFlip:
         return image
 
 
+class RandAugment:
+    """timm's RandAugment (``data.auto_augment``, e.g. "rand-m9-mstd0.5-inc1") on a uint8 tensor.
+
+    timm's own transform (``rand_augment_transform``, with the hyperparameters its
+    ``create_transform`` gives it: translate 0.45 x the shorter side, fill = the dataset mean,
+    bicubic as in the DeiT and MAE recipes) runs on a PIL view of the image. timm draws from
+    Python's and numpy's global generators; both are seeded from torch's generator, which the
+    decoder seeds per sample (seed, epoch, sample, copy), so a sample's ops and magnitudes do not
+    depend on the worker nor on where a resume started. In the main process (no workers) the
+    global generators are put back afterwards: the trainer's own draws stay its own.
+    """
+
+    def __init__(self, spec: str, image_size: tuple[int, int], mean: tuple[float, ...]):
+        self.spec = spec
+        fill = tuple(min(255, round(255 * m)) for m in mean)
+        self.hparams = {"translate_const": int(min(image_size) * 0.45), "img_mean": fill if len(fill) > 1 else fill[0]}
+        self._transform = None  # built on first use, in the process that uses it (workers may spawn)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_transform": None}
+
+    def build(self):
+        if self._transform is None:
+            from PIL import Image
+            from timm.data import auto_augment
+            transform = auto_augment.rand_augment_transform(self.spec, {**self.hparams, "interpolation": Image.BICUBIC})
+            for op in transform.ops:  # Pillow >= 10 refuses 0 bits, which "inc" posterize reaches at magnitude 10
+                if op.aug_fn is auto_augment.posterize:
+                    op.aug_fn = posterize
+            self._transform = transform
+        return self._transform
+
+    def apply_seeded(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """The transform with Python's and numpy's generators seeded by ``seed`` (what timm draws from)."""
+        transform = self.build()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return from_pil(transform(to_pil(image)))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        seed = int(torch.randint(2**62, (1,)))  # torch's generator: seeded per sample by the decoder
+        saved = (random.getstate(), np.random.get_state()) if get_worker_info() is None else None
+        try:
+            return self.apply_seeded(image, seed)
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+
+
+def to_pil(image: torch.Tensor):
+    """uint8 (C, H, W) -> PIL "L" or "RGB": the planes merged by PIL (measured: 7x faster than a permuted copy)."""
+    from PIL import Image
+    image = image.contiguous()
+    height, width = image.shape[1:]
+    planes = [Image.frombuffer("L", (width, height), plane.numpy(), "raw", "L", 0, 1) for plane in image]
+    return planes[0] if len(planes) == 1 else Image.merge("RGB", planes)
+
+
+def from_pil(pil) -> torch.Tensor:
+    """PIL "L" or "RGB" -> uint8 (C, H, W), split into planes by PIL (no permuted copy)."""
+    return torch.from_numpy(np.stack([np.asarray(plane) for plane in pil.split()]))
+
+
+def posterize(image, bits_to_keep: int, **_):
+    """timm's posterize with Pillow's old meaning of 0 bits (a black image; Pillow >= 10 raises)."""
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size, 0)
+    return ImageOps.posterize(image, bits_to_keep)
+
+
+class Then:
+    """Two transforms in a row (picklable)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(image))
+
+
 def train_transform(image_size: tuple[int, int], *, augment: str, crop_scale: tuple[float, float],
-                    hflip: bool, shift_pixels: int):
-    """uint8 (C, h, w) of any size -> uint8 (C, H, W), randomly augmented."""
+                    hflip: bool, shift_pixels: int, auto_augment: str | None = None,
+                    mean: tuple[float, ...] = (0.5,)):
+    """uint8 (C, h, w) of any size -> uint8 (C, H, W), randomly augmented (then RandAugment, as in timm)."""
+    sized = _geometric(image_size, augment=augment, crop_scale=crop_scale, hflip=hflip, shift_pixels=shift_pixels)
+    if auto_augment:
+        return Sized(Then(sized.transform, RandAugment(auto_augment, image_size, tuple(mean))), image_size)
+    return sized
+
+
+def _geometric(image_size: tuple[int, int], *, augment: str, crop_scale: tuple[float, float], hflip: bool,
+               shift_pixels: int) -> Sized:
     if augment == "rrc":  # ImageNet-style: random area and aspect, resized to the model's size
         return Sized(CropFlip(image_size, crop_scale, hflip), image_size)
     if augment == "shift":  # small images (digits): resize, then shift by up to shift_pixels

@@ -14,7 +14,8 @@ def build_task(cfg: Config) -> Task:
         return MAETask(cfg.model, seed=cfg.train.seed)
     if cfg.train.objective == "simmim":
         return SimMIMTask(cfg.model, seed=cfg.train.seed)
-    return ClassificationTask(label_smoothing=cfg.train.label_smoothing)
+    return ClassificationTask(label_smoothing=cfg.train.label_smoothing, data=cfg.data,
+                              num_labels=cfg.model.num_labels, seed=cfg.train.seed)
 
 
 __all__ = ["ENCODER_SHAPE_FIELDS", "ClassificationTask", "MAETask", "SimMIMTask", "Task", "build_task"]

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from pipeline.config import ModelConfig
+from pipeline.config import DataConfig, ModelConfig
 from pipeline.model import ViTForImageClassification, vit_flops
-from pipeline.model.losses import classification_loss
+from pipeline.model.losses import classification_loss, soft_target_loss
 from pipeline.tasks.base import ENCODER_SHAPE_FIELDS, Task
+from pipeline.tasks.batch_augment import BatchAugment
 
 
 class ClassificationTask(Task):
@@ -16,14 +18,24 @@ class ClassificationTask(Task):
     shape_fields = (*ENCODER_SHAPE_FIELDS, "num_labels")
     eval_names = ("correct_top1", "correct_top5", "loss_sum", "count")
 
-    def __init__(self, *, label_smoothing: float = 0.0):
+    def __init__(self, *, label_smoothing: float = 0.0, data: DataConfig | None = None, num_labels: int = 0,
+                 seed: int = 0):
         self.label_smoothing = label_smoothing
+        # data.reprob / mixup / cutmix: erasing and mixing of training batches on the device
+        self.augment = (BatchAugment(data, num_classes=num_labels, label_smoothing=label_smoothing, seed=seed)
+                        if data is not None and BatchAugment.wanted(data) else None)
 
     def build_model(self, model_cfg: ModelConfig) -> nn.Module:
         return ViTForImageClassification(model_cfg)
 
     def loss(self, model: nn.Module, batch: dict) -> Tensor:
-        logits = model(batch["image"]).logits  # (batch, num_labels)
+        images, targets = batch["image"], None
+        if self.augment is not None:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            images, targets = self.augment(images, batch["label"], batch, rank)
+        logits = model(images).logits  # (batch, num_labels)
+        if targets is not None:  # mixed: soft targets, label smoothing already folded in
+            return soft_target_loss(logits, targets)
         return classification_loss(logits, batch["label"], label_smoothing=self.label_smoothing)
 
     def eval_sums(self, model: nn.Module, batch: dict) -> Tensor:

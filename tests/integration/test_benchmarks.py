@@ -179,6 +179,8 @@ def test_data_suite(tmp_path):
                    "--seconds", "0.3", "--rounds", "2")
     assert result["ceiling_decode_crop"]["images_per_cpu_s"] > 0
     assert result["loader"]["2_workers"]["per_worker_vs_parallel_ceiling"] > 0
+    assert result["auto_augment"]["spec"] == "rand-m9-mstd0.5-inc1"
+    assert 0 < result["auto_augment"]["with_images_per_cpu_s"] and 0 < result["auto_augment"]["with_vs_without"] < 2
     for workers in ("0_workers", "2_workers"):
         figures = result["loader"][workers]
         assert len(figures["rounds"]) == 2 and figures["images_timed"] > 0

@@ -40,17 +40,25 @@ def deepspeed_reads_per_step(report: dict, steps: range) -> int:
     return Counter(per_step.values()).most_common(1)[0][0]
 
 
+# The DeiT recipe's data pieces (RandAugment in the workers, repeated augmentation, erasing and
+# mixup/cutmix on the device), riding on the ZeRO-2 bf16 run: the guard covers them too.
+AUGMENTATIONS = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2", "data.reprob=0.25",
+                 "data.recount=2", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_mode=elem"]
+
+
 # Every stage and both precisions, each stage once: the other pairs run elsewhere with the same
 # guard or the same engine (mae/simmim at bf16 ZeRO 0-3 in test_train_masked.py; fp32 ZeRO 0-3 in
 # the checkpoint runs; bf16 ZeRO-2 in test_train_compile.py; bf16 ZeRO-3 in test_clean_exit.py).
-@pytest.mark.parametrize("stage, precision", [(0, "bf16"), (1, "fp32"), (2, "bf16"), (3, "fp32")])
-def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision):
+@pytest.mark.parametrize("stage, precision, extra", [(0, "bf16", []), (1, "fp32", []), (2, "bf16", AUGMENTATIONS),
+                                                     (3, "fp32", [])],
+                         ids=["0-bf16", "1-fp32", "2-bf16-augmented", "3-fp32"])
+def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision, extra):
     out = tmp_path / "run"
     # Rows every 5 steps, evaluation at 10, checkpoints at 15: steps in between are steady-state steps.
     result = torchrun(2, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={out}",
                           f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=30", "optim.lr=3e-3", "data.batch_size=32",
                           "model.activation_checkpointing=every-2", "train.log_every=5", "train.eval_every=10",
-                          "checkpoint.every_steps=15"], script=GUARDED)
+                          "checkpoint.every_steps=15", *extra], script=GUARDED)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "exit_status").read_text().strip() == "0"
     # every collective of the device's group got device tensors, and our code never waits for the
@@ -62,7 +70,10 @@ def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precis
     train_rows, val_rows = metrics(out)
     assert [r["step"] for r in train_rows] == list(range(5, 31, 5))
     losses = [r["loss"] for r in train_rows]
-    assert losses[-1] < losses[0] - 0.03, losses  # means over steps 26-30 vs 1-5: a ViT leaves chance slowly
+    if extra:  # mixed soft targets and heavy augmentation: 30 steps show no trend, only a sane loss
+        assert all(0 < loss < 3 for loss in losses), losses
+    else:
+        assert losses[-1] < losses[0] - 0.03, losses  # means over steps 26-30 vs 1-5: a ViT leaves chance slowly
     assert val_rows and val_rows[-1]["val_samples"] > 0
     assert 0 < train_rows[-1]["samples_per_s"] and 0 <= train_rows[-1]["data_wait_fraction"] <= 1
     assert train_rows[-1]["mfu"] > 0 and train_rows[-1]["grad_norm"] > 0
