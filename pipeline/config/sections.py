@@ -40,6 +40,12 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples failed to decode
     eval_batch_size: int | None = None  # defaults to batch_size
+    # Remote shards (s3://, http(s)://): a failed read is retried from its byte; giving up (exit 75)
+    # takes io_retries failures in a row or io_timeout_s since the first of them.
+    io_retries: int = 10
+    io_timeout_s: float = 120.0
+    cache_dir: str | None = None  # node-local cache of whole remote shards (off: read by range every epoch)
+    cache_limit_gb: float = 0.0  # evict the least recently used cached shards beyond this; 0: no limit
 
     def __post_init__(self) -> None:
         require(self.batch_size > 0, f"data.batch_size must be positive, got {self.batch_size}")
@@ -60,6 +66,9 @@ class DataConfig:
         require(self.eval_batch_size is None or self.eval_batch_size > 0,
                 f"data.eval_batch_size must be positive, got {self.eval_batch_size}")
         require(bool(self.train_shards), "data.train_shards is empty; give a path or brace pattern of .tar shards")
+        require(self.io_retries >= 0, f"data.io_retries must be >= 0, got {self.io_retries}")
+        require(self.io_timeout_s > 0, f"data.io_timeout_s must be positive (seconds), got {self.io_timeout_s}")
+        require(self.cache_limit_gb >= 0, f"data.cache_limit_gb must be >= 0 (0: no limit), got {self.cache_limit_gb}")
 
 
 @dataclass
