@@ -115,8 +115,9 @@ class FaultProxy:
     """TCP proxy on loopback in front of ``upstream`` (host:port).
 
     - ``sent``: bytes the server sent to the clients (what a store would bill);
-    - ``cut(n, seed)``: the next ``n`` connections are closed after a random number of bytes of the
-      server's answer (1..``max_bytes``), mid-body for all but the smallest answers; ``cuts`` counts them;
+    - ``cut(n, seed)``: the next ``n`` connections that carry an answer (new or kept alive) are
+      closed after a random number (1..``max_bytes``) of the server's bytes, mid-body for all but
+      the smallest answers; ``cuts`` counts the cuts made;
     - ``down(seconds)``: for that long, new connections are reset at once and open ones cut.
     """
 
@@ -143,6 +144,9 @@ class FaultProxy:
     def down(self, seconds: float) -> None:
         self._down_until = time.monotonic() + seconds
 
+    def up(self) -> None:
+        self._down_until = 0.0
+
     def close(self) -> None:
         self._closing = True
         self.listener.close()
@@ -157,24 +161,20 @@ class FaultProxy:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST
                 client.close()
                 continue
-            with self._lock:
-                budget = None
-                if self._to_cut > 0:
-                    self._to_cut -= 1
-                    budget = self._rng.randint(1, self._max)
-            threading.Thread(target=self._serve, args=(client, budget), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket, budget: int | None) -> None:
+    def _serve(self, client: socket.socket) -> None:
         try:
             server = socket.create_connection(self.upstream)
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
-        self._pump(server, client, budget)
+        threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+        self._pump(server, client, True)
 
-    def _pump(self, source: socket.socket, sink: socket.socket, budget: int | None) -> None:
-        counted = budget is not None or source.getpeername() == self.upstream
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
+        """Copy ``source`` to ``sink``; ``answers``: the server's side, counted and cut."""
+        budget = None
         try:
             while True:
                 if time.monotonic() < self._down_until:
@@ -182,6 +182,11 @@ class FaultProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if answers and budget is None and self._to_cut > 0:  # kept-alive connections too
+                    with self._lock:
+                        if self._to_cut > 0:
+                            self._to_cut -= 1
+                            budget = self._rng.randint(1, self._max)
                 if budget is not None and len(data) >= budget:
                     sink.sendall(data[:budget])
                     with self._lock:
@@ -191,7 +196,7 @@ class FaultProxy:
                 if budget is not None:
                     budget -= len(data)
                 sink.sendall(data)
-                if counted:
+                if answers:
                     with self._lock:
                         self.sent += len(data)
         except OSError:

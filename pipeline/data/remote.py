@@ -21,6 +21,7 @@ per process (DataLoader workers fork), never shared across a fork.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import time
@@ -85,9 +86,16 @@ class _Retry(Exception):
 _clients: dict = {}
 
 
+def _quiet_urllib3() -> None:
+    # A connection cut inside the headers makes urllib3 log a warning with a traceback; the
+    # reader retries it and says so itself when it gives up.
+    logging.getLogger("urllib3.connection").setLevel(logging.ERROR)
+
+
 def _s3_client(options: IoOptions):
     key = ("s3", os.getpid(), options.timeout_s, options.aws_env)
     if key not in _clients:
+        _quiet_urllib3()
         import boto3
         from botocore.config import Config
 
@@ -106,6 +114,7 @@ def _s3_client(options: IoOptions):
 def _http_session():
     key = ("http", os.getpid())
     if key not in _clients:
+        _quiet_urllib3()
         import requests
 
         _clients[key] = requests.Session()
@@ -366,3 +375,27 @@ def object_size(url: str, options: IoOptions = IoOptions()) -> int:
 
     with RangeFile(url, options) as stream:
         return stream._retrying(head)
+
+
+def upload_file(path: str, url: str, options: IoOptions = IoOptions()) -> None:
+    """Put a local file at ``s3://bucket/key`` (boto3's managed, multipart upload)."""
+    if urlparse(url).scheme != "s3":
+        raise DataError(f"cannot write to '{url}': only s3:// URLs (and local paths) can be written")
+    bucket, key = _bucket_key(url)
+    try:
+        _s3_client(options).upload_file(path, bucket, key)
+    except Exception as error:  # noqa: BLE001 - a missing bucket or refused credential: one line
+        classified = _classify(error.__cause__ or error.__context__ or error, url)
+        raise (classified if isinstance(classified, DataError)
+               else DataError(f"cannot write '{url}': {classified}")) from None
+
+
+def exists(url: str, options: IoOptions = IoOptions()) -> bool:
+    """Whether the object is there (a missing bucket is a DataError)."""
+    try:
+        object_size(url, options)
+        return True
+    except DataError as error:
+        if "the object does not exist" in str(error) or "HTTP 404" in str(error):
+            return False
+        raise

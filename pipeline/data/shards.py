@@ -279,3 +279,36 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
     tmp.write_text(text + "\n")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _store_io():
+    from .remote import IoOptions
+
+    return IoOptions(aws_env=tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+def check_destination(url: str, *, overwrite: bool = False) -> None:
+    """Refuse an ``s3://`` destination that already holds a dataset (before anything is written)."""
+    from .errors import DataError
+    from .remote import exists
+
+    try:
+        if exists(f"{url.rstrip('/')}/{MANIFEST}", _store_io()) and not overwrite:
+            raise ShardsError(f"'{url}' already holds a dataset ({MANIFEST}); pass --overwrite or another --out")
+    except DataError as error:
+        raise ShardsError(str(error)) from None
+
+
+def publish(local: Path, url: str) -> None:
+    """Upload a dataset written by ``write_shards`` to ``s3://bucket/prefix``: the shards first, the
+    manifest last (as on disk, a prefix with a manifest is a complete dataset)."""
+    from .errors import DataError
+    from .remote import upload_file
+
+    io, base = _store_io(), url.rstrip("/")
+    try:
+        for name in sorted(p.name for p in local.iterdir() if p.suffix == ".tar"):
+            upload_file(str(local / name), f"{base}/{name}", io)
+        upload_file(str(local / MANIFEST), f"{base}/{MANIFEST}", io)
+    except DataError as error:
+        raise ShardsError(str(error)) from None
