@@ -90,8 +90,8 @@ def test_cut_connections_resume_at_the_byte_and_the_stream_is_the_local_one(stor
         try:
             for url, fault in ((f"{base}/train-000003.tar", proxy), (f"{http_proxy.url}/train-000003.tar", http_proxy)):
                 (remote,) = resolve_shards(url, f"{base}/manifest.json", io=io_options())
-                fault.cut(30, seed=len(url), max_bytes=20_000)
                 cuts = fault.cuts
+                fault.cut(30, seed=len(url), max_bytes=20_000)
                 assert items(remote.source, 0, 200) == items(str(local / "train-000003.tar"), 0, 200)
                 assert fault.cuts - cuts == 30
         finally:
@@ -121,10 +121,10 @@ def test_loader_through_100_cuts_is_bitwise_the_local_loader_and_resumes(store):
 
     steps = 20  # of 50 per epoch: the slice starts and ends inside shards
     expected = batches(loader(str(local / TRAIN)), steps)
-    proxy.cut(100, seed=7, max_bytes=4_000)
     cuts = proxy.cuts
+    proxy.cut(150, seed=7, max_bytes=4_000)  # (an answer shorter than its budget is not cut)
     got = batches(loader(f"{base}/{TRAIN}"), steps)
-    assert proxy.cuts - cuts == 100
+    assert proxy.cuts - cuts >= 100
     for (k1, l1, i1, s1), (k2, l2, i2, s2) in zip(expected, got, strict=True):
         assert k1 == k2 and s1 == s2 and torch.equal(l1, l2) and torch.equal(i1, i2)
     resumed = batches(loader(f"{base}/{TRAIN}"), 6, state=expected[11][3])
