@@ -205,6 +205,24 @@ def test_cache_fills_is_reused_evicts_and_refetches_a_truncated_shard(store, tmp
     assert len(left) == 2 and cached[0].name not in left  # evicted at the limit
 
 
+def test_make_shards_writes_to_s3_and_refuses_to_overwrite(store, tmp_path, capsys):
+    from launch.make_shards import main
+    from torchvision.io import encode_png
+
+    for index in range(24):  # a tiny image folder: 2 classes of 12
+        folder = tmp_path / "images" / f"c{index % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = torch.full((1, 4, 4), index, dtype=torch.uint8)
+        (folder / f"{index}.png").write_bytes(encode_png(pixels).numpy().tobytes())
+    args = ["--source", str(tmp_path / "images"), "--out", "s3://shards/made", "--shard-size", "10",
+            "--val-fraction", "0", "--quiet"]
+    assert main(args) == 0
+    shards = resolve_shards("s3://shards/made/train-{000000..000002}.tar", io=io_options())
+    assert [s.num_samples for s in shards] == [10, 10, 4] and shards[0].remote.offsets[0] == 0
+    assert items(shards[1].source, 7, 10) == items(shards[1].source, 0, 10)[7:]
+    assert main(args) == 2 and "already holds a dataset" in capsys.readouterr().err
+
+
 def test_new_data_fields_are_validated():
     for field, value in (("io_retries", -1), ("io_timeout_s", 0), ("cache_limit_gb", -1)):
         with pytest.raises(ValueError, match=f"data.{field}"):
