@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from .errors import DataError
+from .errors import DataError, StoreUnavailable
 from .remote import IoOptions, RemoteShard, is_remote, object_size, read_object
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def manifest_of(spec: str | list[str], manifest: str | None = None) -> tuple[dic
     location = manifest or manifest_beside(urls[0])
     try:
         return read_manifest(location), location
-    except DataError:
+    except (DataError, StoreUnavailable):  # resolve_shards names the problem, in the trainer's own error path
         return None
 
 
