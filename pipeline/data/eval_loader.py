@@ -96,7 +96,7 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num
         kept, left = [], max_samples
         for shard in shards:
             if left > 0:
-                kept.append(Shard(shard.url, min(shard.num_samples, left)))
+                kept.append(Shard(shard.url, min(shard.num_samples, left), shard.remote))
             left -= shard.num_samples
         shards = kept
     batch_size = cfg.eval_batch_size or cfg.batch_size
