@@ -2,6 +2,10 @@
 
     python launch/make_shards.py --source digits --out data/digits
     python launch/make_shards.py --source /data/imagenet/train --out /data/shards --workers 8 --verify
+    python launch/make_shards.py --source /data/imagenet/train --out s3://bucket/imagenet --workers 8
+
+An ``s3://`` --out is written to a local temporary folder first (under $TMPDIR), then uploaded
+with boto3 (credentials and endpoint as the AWS tools take them), the manifest last.
 
 SRC is a folder with one subfolder per class (ImageNet's layout), a folder of images without class
 subfolders (unlabeled: no ``.cls``, for mae/simmim pretraining), or the word ``digits``
@@ -14,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from tqdm import tqdm
 
-from pipeline.data.shards import ShardsError, write_shards
+from pipeline.data.shards import ShardsError, check_destination, publish, write_shards
 
 
 class Progress:
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True,
                         help="image folder (<class>/<image>, or images without class folders) or 'digits'")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory, or s3://bucket/prefix")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of each class for val")
     parser.add_argument("--workers", type=int, default=1, help="writer processes (default 1)")
@@ -65,16 +71,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     progress = None if args.quiet else Progress()
+    remote = args.out.startswith("s3://")
+    staging = tempfile.TemporaryDirectory(prefix="make_shards-") if remote else None
     try:
-        manifest = write_shards(args.source, args.out, shard_size=args.shard_size, val_fraction=args.val_fraction,
-                                workers=args.workers, seed=args.seed, overwrite=args.overwrite, verify=args.verify,
-                                unlabeled=args.unlabeled, progress=progress)
+        out = Path(staging.name) if remote else args.out
+        if remote:
+            check_destination(args.out, overwrite=args.overwrite)
+        manifest = write_shards(args.source, out, shard_size=args.shard_size, val_fraction=args.val_fraction,
+                                workers=args.workers, seed=args.seed, overwrite=args.overwrite or remote,
+                                verify=args.verify, unlabeled=args.unlabeled, progress=progress)
+        if remote:
+            publish(out, args.out)
     except ShardsError as error:
         print(f"make_shards: error: {error}", file=sys.stderr)
         return 2
     finally:
         if progress is not None:
             progress.close()
+        if staging is not None:
+            staging.cleanup()
     report_dropped(manifest["dropped"])
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['num_samples']} samples in {info['num_shards']} shards: {args.out}/{info['pattern']}")

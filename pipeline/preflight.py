@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline import checkpoint
 from pipeline.config import Config, ModelConfig
+from pipeline.data.remote import IoOptions
 from pipeline.data.sources import Shard, resolve_shards
 from pipeline.distributed.env import DistributedEnv
 from pipeline.storage import check_writable
@@ -54,9 +55,10 @@ def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...]
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
                                   world_size=env.world_size, zero_stage=cfg.train.zero_stage,
                                   shape_fields=shape_fields)
-    train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards")
-    val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards") if cfg.data.val_shards \
-        else None
+    io = IoOptions.from_config(cfg.data)  # remote shards: HEAD-checked here, before the process group
+    train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards", io=io)
+    val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards", io=io) \
+        if cfg.data.val_shards else None
     size = checkpoint_bytes(count_parameters(build_model, cfg.model), zero_stage=cfg.train.zero_stage,
                             precision=cfg.train.precision)
     if env.is_main:

@@ -55,6 +55,12 @@ class DataConfig:
     remode: str = "pixel"  # "const", "rand" or "pixel" fill of an erased box
     recount: int = 1  # erased boxes per sample: 1..recount, uniform
     aug_repeats: int = 1  # repeated augmentation (DeiT's RASampler): copies of each sample; 1 = off
+    # Remote shards (s3://, http(s)://): a failed read is retried from its byte; giving up (exit 75)
+    # takes io_retries failures in a row or io_timeout_s since the first of them.
+    io_retries: int = 10
+    io_timeout_s: float = 120.0
+    cache_dir: str | None = None  # node-local cache of whole remote shards (off: read by range every epoch)
+    cache_limit_gb: float = 0.0  # evict the least recently used cached shards beyond this; 0: no limit
 
     def __post_init__(self) -> None:
         require(self.batch_size > 0, f"data.batch_size must be positive, got {self.batch_size}")
@@ -76,6 +82,9 @@ class DataConfig:
                 f"data.eval_batch_size must be positive, got {self.eval_batch_size}")
         self._check_recipe_augmentations()
         require(bool(self.train_shards), "data.train_shards is empty; give a path or brace pattern of .tar shards")
+        require(self.io_retries >= 0, f"data.io_retries must be >= 0, got {self.io_retries}")
+        require(self.io_timeout_s > 0, f"data.io_timeout_s must be positive (seconds), got {self.io_timeout_s}")
+        require(self.cache_limit_gb >= 0, f"data.cache_limit_gb must be >= 0 (0: no limit), got {self.cache_limit_gb}")
 
     @property
     def mixes(self) -> bool:

@@ -14,6 +14,7 @@ from pipeline.config import DataConfig
 
 from .loader import _Decoding, _image_hw, _next, label_mode
 from .partition import EvalLayout, shard_offsets
+from .remote import IoOptions
 from .sources import Shard, resolve_shards
 from .stages import DecodeSample, DropConsumed, EvalBatches, SkipBad, SliceReader
 from .transforms import check_channels, eval_transform
@@ -24,7 +25,7 @@ class EvalStream(IterableDataset):
     """One rank's evaluation pass: every sample of its part once, padded to equal batch counts."""
 
     def __init__(self, shards: list[Shard], layout: EvalLayout, rank: int, decoding: _Decoding):
-        self.urls, self.offsets = [s.url for s in shards], shard_offsets(layout.counts)
+        self.urls, self.offsets = [s.source for s in shards], shard_offsets(layout.counts)
         self.layout, self.rank, self.decoding = layout, rank, decoding
         self.image_shape = (decoding.num_channels, *decoding.image_size)  # of the padding images
 
@@ -90,12 +91,12 @@ def build_eval_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], num
         return None
     check_channels(num_channels)
     if shards is None:
-        shards = resolve_shards(spec, cfg.manifest, what=f"data.{split}_shards")
+        shards = resolve_shards(spec, cfg.manifest, what=f"data.{split}_shards", io=IoOptions.from_config(cfg))
     if max_samples is not None:  # the first max_samples: whole shards, then part of one (read by range)
         kept, left = [], max_samples
         for shard in shards:
             if left > 0:
-                kept.append(Shard(shard.url, min(shard.num_samples, left)))
+                kept.append(Shard(shard.url, min(shard.num_samples, left), shard.remote))
             left -= shard.num_samples
         shards = kept
     batch_size = cfg.eval_batch_size or cfg.batch_size

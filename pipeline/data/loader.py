@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig
 
 from .batch_ring import DATALOADER_PREFETCH, BatchRing
-from .errors import DataError
+from .errors import DataError, StoreUnavailable
 from .partition import TrainLayout, mix_seed
 from .repeats import RepeatReader, slot_picks
+from .remote import IoOptions
 from .sources import Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, Refill, SkipBad, SliceReader, TrainBatches, replayed_positions,
                      seeded_shuffle)
@@ -53,13 +54,13 @@ class _Decoding:
 
 
 def _next(iterator: Iterator[dict]) -> dict:
-    """next() that unwraps a DataError from a worker into its own one-line message."""
+    """next() that unwraps a DataError (or StoreUnavailable) from a worker into its own one-line message."""
     try:
         return next(iterator)
-    except DataError as error:
-        text = str(error).strip()
-        if text.startswith("Caught DataError in DataLoader worker"):
-            raise DataError(text.splitlines()[-1].split("DataError: ", 1)[-1]) from None
+    except (DataError, StoreUnavailable) as error:
+        text, name = str(error).strip(), type(error).__name__
+        if text.startswith(f"Caught {name} in DataLoader worker"):
+            raise type(error)(text.splitlines()[-1].split(f"{name}: ", 1)[-1]) from None
         raise
 
 
@@ -68,7 +69,7 @@ class TrainStream(IterableDataset):
 
     def __init__(self, shards: list[Shard], layout: TrainLayout, rank: int, decoding: _Decoding,
                  shuffle_buffer: int):
-        self.urls = [s.url for s in shards]
+        self.urls = [s.source for s in shards]  # a path/URL, or a remote.RemoteShard
         self.layout, self.rank, self.decoding, self.shuffle_buffer = layout, rank, decoding, shuffle_buffer
         self.start_epoch, self.start_batches, self.start_consumed = 0, 0, [0] * layout.num_slots
         self.ring: BatchRing | None = None
@@ -307,7 +308,8 @@ def build_train_loader(cfg: DataConfig, *, image_size: int | tuple[int, int], nu
     ``shards``: ``data.train_shards`` already resolved (preflight), else resolved here."""
     check_channels(num_channels)
     if shards is None:
-        shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards")
+        shards = resolve_shards(cfg.train_shards, cfg.manifest, what="data.train_shards",
+                                io=IoOptions.from_config(cfg))
     layout = TrainLayout(tuple(s.num_samples for s in shards), cfg.batch_size, world_size,
                          max(1, cfg.num_workers), seed, aug_repeats=cfg.aug_repeats)
     if layout.steps_per_epoch == 0:

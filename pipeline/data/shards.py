@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -187,6 +188,13 @@ def write_shard(job: ShardJob, out_dir: str, classes: list[str], verify: bool = 
     return job.name, written, dropped
 
 
+def _index(path: Path) -> dict:
+    from .tar_reader import sample_offsets
+
+    offsets, size = sample_offsets(str(path))
+    return {"bytes": size, "offsets": offsets}
+
+
 def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fraction: float = 0.1,
                  workers: int = 1, seed: int = 0, overwrite: bool = False, verify: bool = False,
                  unlabeled: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
@@ -254,7 +262,9 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
         "classes": classes,
         "labeled": bool(classes),  # false: no sample has a .cls (masked-image pretraining only)
         "splits": {},
-        "shards": [{"name": job.name, "split": job.split, "num_samples": counts[job.name]} for job in jobs],
+        # bytes and offsets (each sample's first header): remote readers request only what they read
+        "shards": [{"name": job.name, "split": job.split, "num_samples": counts[job.name],
+                    **_index(out / job.name)} for job in jobs],
         "dropped": [entry for job in jobs for entry in dropped[job.name]],  # in shard order
     }
     for split in ("train", "val"):
@@ -264,6 +274,41 @@ def write_shards(source: str, out: str | Path, *, shard_size: int = 1000, val_fr
                 "num_samples": sum(counts[n] for n in names), "num_shards": len(names),
                 "pattern": f"{split}-{{000000..{len(names) - 1:06d}}}.tar"}
     tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    text = json.dumps(manifest, indent=1)  # readable, with each shard's offsets on one line:
+    text = re.sub(r'"offsets": \[[\d,\s]*\]', lambda m: re.sub(r"\s+", "", m.group(0)).replace(":", ": "), text)
+    tmp.write_text(text + "\n")
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def _store_io():
+    from .remote import IoOptions
+
+    return IoOptions(aws_env=tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+
+
+def check_destination(url: str, *, overwrite: bool = False) -> None:
+    """Refuse an ``s3://`` destination that already holds a dataset (before anything is written)."""
+    from .errors import DataError
+    from .remote import exists
+
+    try:
+        if exists(f"{url.rstrip('/')}/{MANIFEST}", _store_io()) and not overwrite:
+            raise ShardsError(f"'{url}' already holds a dataset ({MANIFEST}); pass --overwrite or another --out")
+    except DataError as error:
+        raise ShardsError(str(error)) from None
+
+
+def publish(local: Path, url: str) -> None:
+    """Upload a dataset written by ``write_shards`` to ``s3://bucket/prefix``: the shards first, the
+    manifest last (as on disk, a prefix with a manifest is a complete dataset)."""
+    from .errors import DataError
+    from .remote import upload_file
+
+    io, base = _store_io(), url.rstrip("/")
+    try:
+        for name in sorted(p.name for p in local.iterdir() if p.suffix == ".tar"):
+            upload_file(str(local / name), f"{base}/{name}", io)
+        upload_file(str(local / MANIFEST), f"{base}/{MANIFEST}", io)
+    except DataError as error:
+        raise ShardsError(str(error)) from None

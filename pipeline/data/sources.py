@@ -6,14 +6,17 @@ Where that file is looked for:
 
 - local paths (and ``file:`` URLs): ``<directory of the shard>/manifest.json``; without one,
   the samples are counted once by reading tar headers (no image data), with a warning;
-- URLs with a scheme (``http://``, ``s3://``, ...): the URL with its last component replaced by
-  ``manifest.json``, opened with webdataset's ``gopen``;
+- URLs with a scheme (``s3://``, ``http(s)://``, ...): the URL with its last component replaced by
+  ``manifest.json``; ``s3://`` and ``http(s)://`` are read with ``remote.py`` (boto3, requests),
+  other schemes with webdataset's ``gopen``;
 - ``pipe:`` commands: the command with the shard's ``.tar`` argument replaced by its sibling
   ``manifest.json`` (works for ``curl``, ``aws s3 cp``, ``gsutil cat``, ``cat``);
 - anything else, or a manifest elsewhere: set ``data.manifest`` to its path or URL.
 
 A local shard that does not exist, or a shard the manifest does not list, is a DataError that
-names it, raised when the loader is built (before training starts).
+names it, raised when the loader is built (before training starts). So is a remote shard that a
+HEAD request does not find, a missing bucket, or a refused credential. A remote shard carries
+its samples' byte offsets and its size from the manifest, where make_shards wrote them.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from urllib.parse import urlparse
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 
-from .errors import DataError
+from .errors import DataError, StoreUnavailable
+from .remote import IoOptions, RemoteShard, is_remote, object_size, read_object
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,14 @@ _TAR_TOKEN = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)(?=$|[\s'\"])")
 
 @dataclass(frozen=True)
 class Shard:
-    url: str  # what webdataset's gopen opens
+    url: str  # what webdataset's gopen opens, or an s3:// / http(s):// URL read by remote.py
     num_samples: int
+    remote: RemoteShard | None = None  # s3:// and http(s)://: how tar_reader reads it
+
+    @property
+    def source(self) -> str | RemoteShard:
+        """What ``tar_reader.read_range`` takes."""
+        return self.remote if self.remote is not None else self.url
 
 
 def expand_sources(spec: str | list[str]) -> list[str]:
@@ -92,11 +102,17 @@ def manifest_beside(url: str) -> str:
     return parsed._replace(path=f"{parent}/{MANIFEST}").geturl()
 
 
-def read_manifest(location: str) -> dict:
-    """Load a manifest (local path or any URL gopen opens); raise DataError when unusable."""
+def read_manifest(location: str, io: IoOptions = IoOptions()) -> dict:
+    """Load a manifest (local path, s3:// or http(s):// URL, or anything gopen opens); raise
+    DataError when unusable."""
     try:
-        with gopen(location) as stream:
-            manifest = json.loads(stream.read())
+        if is_remote(location):
+            manifest = json.loads(read_object(location, io))
+        else:
+            with gopen(location) as stream:
+                manifest = json.loads(stream.read())
+    except DataError as error:  # named by remote.py (missing bucket or key, refused credentials)
+        raise DataError(f"cannot read the manifest: {error}") from None
     except Exception as error:  # missing file, failing command, bad JSON: all the same to the user
         raise DataError(f"cannot read the manifest '{location}': {error}") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
@@ -116,7 +132,7 @@ def manifest_of(spec: str | list[str], manifest: str | None = None) -> tuple[dic
     location = manifest or manifest_beside(urls[0])
     try:
         return read_manifest(location), location
-    except DataError:
+    except (DataError, StoreUnavailable):  # resolve_shards names the problem, in the trainer's own error path
         return None
 
 
@@ -135,6 +151,36 @@ def manifest_counts(manifest: dict) -> dict[str, int]:
     return {s["name"]: int(s["num_samples"]) for s in manifest["shards"]}
 
 
+def _remote_shard(url: str, entry: dict | None, io: IoOptions) -> RemoteShard:
+    """The shard as the reader takes it: its samples' byte offsets and size from the manifest
+    (make_shards writes them; without them a shard is read from its start, and sized by HEAD)."""
+    offsets = entry.get("offsets") if entry else None
+    size = entry.get("bytes") if entry else None
+    return RemoteShard(url, tuple(int(o) for o in offsets) if isinstance(offsets, list) else None,
+                       None if size is None else int(size), io)
+
+
+def _check_remote(shards: list[Shard], what: str) -> list[Shard]:
+    """HEAD every remote shard (16 at a time): a missing one, or one of another size than the
+    manifest's, is named before training. Returns the shards with their sizes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size_of(shard: Shard) -> int:
+        return object_size(shard.url, shard.remote.io) if shard.remote is not None else -1
+
+    checked = []
+    with ThreadPoolExecutor(16) as pool:
+        for shard, size in zip(shards, pool.map(size_of, shards)):
+            remote = shard.remote
+            if remote is not None and remote.size is not None and size != remote.size:
+                raise DataError(f"shard '{shard.url}' is {size} bytes, its manifest says {remote.size}: "
+                                f"the shards and the manifest differ; rewrite them together (check {what})")
+            if remote is not None and remote.size is None:
+                shard = Shard(shard.url, shard.num_samples, RemoteShard(remote.url, remote.offsets, size, remote.io))
+            checked.append(shard)
+    return checked
+
+
 def count_local_shard(path: str) -> int:
     """Count a shard's samples from its tar headers only (used when there is no manifest)."""
     from .tar_reader import count_samples
@@ -142,8 +188,8 @@ def count_local_shard(path: str) -> int:
     return count_samples(path)
 
 
-def resolve_shards(spec: str | list[str], manifest: str | None = None, *, what: str = "data.train_shards"
-                   ) -> list[Shard]:
+def resolve_shards(spec: str | list[str], manifest: str | None = None, *, what: str = "data.train_shards",
+                   io: IoOptions = IoOptions()) -> list[Shard]:
     """Expand ``spec`` and attach each shard's sample count; every problem is a DataError."""
     urls = expand_sources(spec)
     if not urls:
@@ -154,13 +200,17 @@ def resolve_shards(spec: str | list[str], manifest: str | None = None, *, what: 
         raise DataError(f"shard '{missing[0]}' does not exist{more}; check {what}")
     # An explicit data.manifest must be readable; one found beside the shards may be absent.
     cache: dict[str, dict[str, int] | None] = {}
+    entries: dict[str, dict[str, dict]] = {}  # the manifest's entry of every shard, by location and name
     if manifest is not None:
-        cache[manifest] = manifest_counts(read_manifest(manifest))
+        found = read_manifest(manifest, io)
+        cache[manifest], entries[manifest] = manifest_counts(found), {e["name"]: e for e in found["shards"]}
     shards = []
     for url in urls:
         location = manifest or manifest_beside(url)
         if location not in cache:
-            cache[location] = _counts_beside(location)
+            found = _manifest_beside(location, io)
+            cache[location] = manifest_counts(found) if found is not None else None
+            entries[location] = {e["name"]: e for e in found["shards"]} if found is not None else {}
         counts = cache[location]
         name = shard_name(url)
         if counts is None:
@@ -174,16 +224,22 @@ def resolve_shards(spec: str | list[str], manifest: str | None = None, *, what: 
         if name not in counts:
             raise DataError(f"shard '{url}' is not listed in the manifest '{location}'; "
                             "rewrite the manifest or fix the shard pattern")
-        shards.append(Shard(url, counts[name]))
+        remote = _remote_shard(url, entries[location].get(name), io) if is_remote(url) else None
+        shards.append(Shard(url, counts[name], remote))
+    if any(s.remote is not None for s in shards):
+        shards = _check_remote(shards, what)
     return shards
 
 
-def _counts_beside(location: str) -> dict[str, int] | None:
-    """Counts from a manifest found beside the shards; None where there is none."""
+def _manifest_beside(location: str, io: IoOptions) -> dict | None:
+    """A manifest found beside the shards; None where there is none. A remote one must be there:
+    its absence (or a missing bucket, a refused credential) is named at once."""
     path = local_path(location)
     if path is not None:
-        return manifest_counts(read_manifest(location)) if os.path.isfile(path) else None
+        return read_manifest(location) if os.path.isfile(path) else None
+    if is_remote(location):
+        return read_manifest(location, io)
     try:
-        return manifest_counts(read_manifest(location))
+        return read_manifest(location)
     except DataError:
         return None

@@ -18,6 +18,11 @@ names) are read with a few slices (``_UstarWalker``) instead of ``tarfile``'s fu
 5% of a worker's time (docs/DECISIONS.md, Data workers).
 Anything else (pax or GNU long-name headers, base-256 sizes, compressed or piped tars) is left
 to ``tarfile``, which takes over at that header.
+
+A remote shard (a ``remote.RemoteShard``, for ``s3://`` and ``http(s)://``) is read through a
+``remote.RangeFile``: where the manifest gives the samples' byte offsets, only the bytes of
+samples [start, stop) are requested, starting at the first one's header; with ``data.cache_dir``
+the whole shard is fetched once into the node's cache and read from there (``cache.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ from collections.abc import Container, Iterator
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+
+from .errors import DataError, StoreUnavailable
+from .remote import RangeFile, RemoteShard
 
 _SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's default skip_meta
 
@@ -127,8 +135,20 @@ class _UstarWalker:
 class _TarReader:
     """The regular members of one shard, and their data."""
 
-    def __init__(self, url: str):
-        self.stream, self.tar = gopen(url), None
+    def __init__(self, source: str | RemoteShard, start: int = 0, stop: int | None = None):
+        self.tar, self.first = None, 0  # first: the position of the first sample the stream starts at
+        if isinstance(source, str):
+            self.stream = gopen(source)
+        elif source.io.cache_dir:
+            from .cache import cached_shard
+
+            self.stream = open(cached_shard(source), "rb")
+        else:
+            begin, end = 0, None
+            if source.offsets is not None:  # only the bytes of samples [start, stop)
+                begin, end = source.window(start, len(source.offsets) if stop is None else stop)
+                self.first = start
+            self.stream = RangeFile(source.url, source.io, begin=begin, end=end)
         if _UstarWalker.applies_to(self.stream):
             self._walker = _UstarWalker(self.stream)
             self.members = self._walker.members()
@@ -169,6 +189,26 @@ def _sample_members(members: Iterator[_Member | tarfile.TarInfo]) -> Iterator[tu
             yield prefix, suffix.lower(), member
 
 
+def _url(source: str | RemoteShard) -> str:
+    return source if isinstance(source, str) else source.url
+
+
+def sample_offsets(path: str) -> tuple[list[int], int]:
+    """The byte offset of every sample's first header, and the file's size (for the manifest)."""
+    reader = _TarReader(path)
+    try:
+        offsets, key = [], None
+        for prefix, _, member in _sample_members(reader.members):
+            if prefix != key:
+                key = prefix
+                offsets.append(member.offset_data - _UstarWalker.BLOCK if isinstance(member, _Member)
+                               else member.offset)
+        reader.stream.seek(0, 2)
+        return offsets, reader.stream.tell()
+    finally:
+        reader.close()
+
+
 def count_samples(url: str) -> int:
     """Number of samples in a shard, from its headers only."""
     reader = _TarReader(url)
@@ -182,18 +222,21 @@ def count_samples(url: str) -> int:
         reader.close()
 
 
-def read_range(url: str, start: int, stop: int, *, skip: Container[int] = (), first_id: int = 0
+def read_range(source: str | RemoteShard, start: int, stop: int, *, skip: Container[int] = (), first_id: int = 0
                ) -> Iterator[dict]:
-    """One item per sample position in [start, stop) of the shard at ``url`` (see module doc).
+    """One item per sample position in [start, stop) of the shard ``source`` (see module doc).
 
     ``skip`` holds positions to return as placeholders; ``first_id + position`` becomes the
-    sample's stable id ``__sid__`` (used to seed its augmentation).
+    sample's stable id ``__sid__`` (used to seed its augmentation). A remote store that stays
+    unreachable raises ``StoreUnavailable``: that is no bad data, and the run stops to be requeued.
     """
+    url = _url(source)
     position, emitted, key, current = -1, 0, None, None
     reason = "tar ended early (truncated or corrupt)"
     reader = None
     try:
-        reader = _TarReader(url)
+        reader = _TarReader(source, start, stop)
+        position = reader.first - 1
         for prefix, suffix, member in _sample_members(reader.members):
             if prefix != key:
                 if current is not None:
@@ -212,6 +255,8 @@ def read_range(url: str, start: int, stop: int, *, skip: Container[int] = (), fi
                 last, current = current, None
                 emitted += 1
                 yield last
+    except (StoreUnavailable, DataError):  # the store, not the data: stop the run, in one line
+        raise
     except Exception as error:  # a bad shard must not stop the run: the rest becomes bad markers
         reason = f"unreadable tar ({type(error).__name__}: {error})"
         if current is not None and emitted < stop - start:
