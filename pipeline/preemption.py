@@ -10,7 +10,10 @@ for SIGINT ("saved, stopped by the user"; a requeue would undo the user's Ctrl-C
 A second SIGTERM/SIGUSR1 while stopping is ignored, and so is every one after the stop checkpoint
 (``ignore_from_now_on``): torchrun sends SIGTERM to the other workers as soon as one exits
 non-zero, 75 included, and a rank killed in its teardown would lose its exit code (and rank 0 the
-``exit_status`` file). A second SIGINT is different: the user wants out now. After the first one
+``exit_status`` file). Before training starts (``exit_before_training``, set by the launcher) a stop
+signal ends the process at once with its code: nothing is trained, so nothing is lost, and under
+torchrun it is typically torchrun stopping this rank because another one refused the config,
+which is no reason to announce a checkpoint. A second SIGINT is different: the user wants out now. After the first one
 SIGINT goes back to the operating system's default action, so the next one ends the process at
 once, even inside a C call that would delay a Python handler; rank 0 writes 130 to
 ``exit_status`` when the first one comes, so that file is right either way.
@@ -43,6 +46,17 @@ class StopFlag:
         # Set by the launcher on rank 0: where a Ctrl-C leaves 130 at once (see the module doc).
         self.exit_status_path: Path | None = None
         self._previous: dict[int, object] = {}
+        self._before_training = False  # see exit_before_training
+        self._loud = True
+
+    def exit_before_training(self, *, loud: bool) -> None:
+        """From now until ``training_starts``, a stop signal exits at once (nothing to save).
+        ``loud``: say so as a warning, else at debug level (not shown)."""
+        self._before_training, self._loud = True, loud
+
+    def training_starts(self) -> None:
+        """From here on a stop signal means "save at the next step boundary"."""
+        self._before_training = False
 
     @property
     def requested(self) -> bool:
@@ -55,6 +69,9 @@ class StopFlag:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self._before_training and self.signal_name is None:
+            self.signal_name = name
+            self.exit_now(name, "before training started")
         if signum == signal.SIGINT:
             self._on_interrupt()
         if self.signal_name is None:
@@ -98,14 +115,7 @@ class StopFlag:
                 stops = [n for n in signums if n in STOP_SIGNALS]
                 if stops and not done.is_set():
                     self.signal_name = self.signal_name or signal.Signals(stops[0]).name
-                    log.warning("received %s while %s: nothing trained yet, nothing to save; exiting %d",
-                                signal.Signals(stops[0]).name, what, self.exit_code)
-                    if self.exit_status_path is not None:
-                        with contextlib.suppress(OSError):
-                            rewrite_small_file(self.exit_status_path, f"{self.exit_code}\n")
-                    for handler in logging.getLogger().handlers:
-                        handler.flush()
-                    os._exit(self.exit_code)
+                    self.exit_now(signal.Signals(stops[0]).name, f"while {what}")
 
         watcher = threading.Thread(target=watch, name="stop-while-waiting", daemon=True)
         watcher.start()
@@ -117,6 +127,21 @@ class StopFlag:
             watcher.join()
             os.close(read_end)
             os.close(write_end)
+
+    def exit_now(self, name: str, when: str) -> None:
+        """End the process with this flag's code: nothing is trained yet, so nothing is lost. The
+        exit status is written only over ``running`` (or where there is none yet): a rank stopped
+        because another one failed must not hide that rank's code (2) behind a 75."""
+        level = logging.WARNING if self._loud else logging.DEBUG
+        log.log(level, "received %s %s: nothing trained yet, nothing to save; exiting %d", name, when, self.exit_code)
+        if self.exit_status_path is not None:
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                path = self.exit_status_path
+                if not path.is_file() or path.read_text().strip() in ("", "running"):
+                    rewrite_small_file(path, f"{self.exit_code}\n")
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(self.exit_code)
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():

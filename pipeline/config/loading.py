@@ -167,6 +167,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(apply_overrides(raw, list(overrides or [])))
 
 
+def output_dir_of(path: str | Path | None, overrides: list[str] | None = None) -> str:
+    """``train.output_dir`` as the run will see it, read without checking anything else: the
+    launcher writes ``exit_status`` there before the config is loaded, so that a config refused
+    later still leaves its code (and a rerun's refusal does not leave the old run's 0)."""
+    from .sections import TrainConfig
+
+    value: Any = None
+    for text in reversed(list(overrides or [])):
+        dotted, _, raw = text.partition("=")
+        if dotted.strip() == "train.output_dir":
+            value = raw.strip()
+            break
+    if value is None and path is not None:
+        try:
+            value = ((yaml.safe_load(Path(path).read_text()) or {}).get("train") or {}).get("output_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            value = None
+    return str(value) if value else TrainConfig.output_dir
+
+
 def dump_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

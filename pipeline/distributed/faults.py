@@ -172,12 +172,33 @@ def report_failure(error: BaseException, *, rank: int, world_size: int, output_d
 
 
 def write_torchrun_error_file(line: str) -> None:
-    """torchrun prints this file's message as the failure's "traceback" in its summary."""
+    """torchrun prints this file's message as the failure's "traceback" in its summary. The layout
+    is the one ``elastic.multiprocessing.errors.record`` writes (``ErrorHandler.record_exception``),
+    with the one line in place of a Python traceback: torchrun then also records the exit code in it
+    without warning about the file's format."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    stamp = str(int(time.time()))
     try:
         with open(path, "w") as handle:
-            json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": stamp}}}, handle)
     except OSError:  # a full disk: torchrun then prints its generic line
         pass
+
+
+def first_to_say_it() -> bool:
+    """Whether this rank is the first of its node to report a mistake found before the process
+    group (the same on every rank there): torchrun gives each attempt a folder that holds every
+    local rank's error file, and the first rank to create a marker there prints the line; the
+    others leave it to torchrun's summary. True without torchrun, or where the marker cannot be made."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return True
+    try:
+        os.close(os.open(Path(path).parent.parent / "pipeline-refusal-said", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    return True
