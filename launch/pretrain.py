@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM here: before training the worker exits at once, during training it saves and exits 75.
         from pipeline.lifetime import die_with_parent
 
-        die_with_parent(os.getppid(), sig=signal.SIGTERM)
+        stop_flag.launcher_pid = os.getppid()
+        die_with_parent(stop_flag.launcher_pid, sig=signal.SIGTERM)
     from pipeline.config import dump_config, load_config, output_dir_of
     from pipeline.errors import UserError
 

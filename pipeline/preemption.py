@@ -48,6 +48,8 @@ class StopFlag:
         self._previous: dict[int, object] = {}
         self._before_training = False  # see exit_before_training
         self._loud = True
+        # The launcher whose death is a SIGTERM here (lifetime.die_with_parent): said in the log
+        self.launcher_pid: int | None = None
 
     def exit_before_training(self, *, loud: bool) -> None:
         """From now until ``training_starts``, a stop signal exits at once (nothing to save).
@@ -80,10 +82,14 @@ class StopFlag:
                 log.warning("received SIGINT (Ctrl-C): will save a checkpoint at the next step boundary and "
                             "exit %d; press Ctrl-C again to abort at once without saving", EXIT_INTERRUPTED)
             else:
-                log.warning("received %s: will save a checkpoint at the next step boundary and exit %d",
-                            name, EXIT_PREEMPTED)
+                why = " (torchrun ended: its death is a SIGTERM to its ranks)" if self._launcher_gone() else ""
+                log.warning("received %s%s: will save a checkpoint at the next step boundary and exit %d",
+                            name, why, EXIT_PREEMPTED)
         else:  # e.g. Slurm's SIGTERM after its USR1, or torchrun stopping the others once one exited 75
             log.info("received %s again while stopping (after %s): ignored", name, self.signal_name)
+
+    def _launcher_gone(self) -> bool:
+        return self.launcher_pid is not None and os.getppid() != self.launcher_pid
 
     def _on_interrupt(self) -> None:
         """The first Ctrl-C: the next one takes the default action (the process ends at once)."""
