@@ -40,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     under_torchrun = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
     # Under torchrun a stop before training is mostly torchrun ending the others after one rank
     # refused the config: that rank's line says why, and the others stay quiet.
-    stop_flag.exit_before_training(loud=_first_rank() and not under_torchrun)
+    from pipeline.distributed.faults import peer_refusal_code
+
+    stop_flag.exit_before_training(loud=_first_rank() and not under_torchrun, peer_code=peer_refusal_code)
     if under_torchrun:
         # torchrun starts each worker in a session of its own: where its agent dies (kill -USR1,
         # `timeout -s USR1`, srun's SIGKILL), nothing else would end the worker. Its death is a
@@ -124,7 +126,7 @@ def refuse(error: BaseException, status_path: Path | None) -> int:
 
     line, code = one_line(error), exit_code_for(error)
     write_torchrun_error_file(line)
-    if first_to_say_it():
+    if first_to_say_it(code):
         print(f"error: {line}", file=sys.stderr, flush=True)
     if status_path is not None:
         write_exit_status(status_path, code, create=True)

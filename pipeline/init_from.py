@@ -49,7 +49,9 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Tensor], str]:
             model = from_pretrained(path, architecture=_hf_architecture(path))
         except (ValueError, ConfigError, OSError) as error:
             raise CheckpointError(f"train.init_from={path}: {' '.join(str(error).split())}") from None
-        return encoder_keys(model.state_dict()), f"HF directory {path} ({type(model).__name__})"
+        # the class the directory declares (an --encoder-only export is a ViTModel, read by our classifier)
+        declared = (json.loads((path / CONFIG_NAME).read_text()).get("architectures") or [type(model).__name__])[0]
+        return encoder_keys(model.state_dict()), f"HF directory {path} ({declared})"
     tag_dir = find_checkpoint(path, what="train.init_from")
     marker = read_marker(tag_dir)
     state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))

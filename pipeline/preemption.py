@@ -48,13 +48,16 @@ class StopFlag:
         self._previous: dict[int, object] = {}
         self._before_training = False  # see exit_before_training
         self._loud = True
+        self._peer_code = None
         # The launcher whose death is a SIGTERM here (lifetime.die_with_parent): said in the log
         self.launcher_pid: int | None = None
 
-    def exit_before_training(self, *, loud: bool) -> None:
+    def exit_before_training(self, *, loud: bool, peer_code=None) -> None:
         """From now until ``training_starts``, a stop signal exits at once (nothing to save).
-        ``loud``: say so as a warning, else at debug level (not shown)."""
-        self._before_training, self._loud = True, loud
+        ``loud``: say so as a warning, else at debug level (not shown). ``peer_code()``: the code of
+        another rank that has already refused the run, if any: the stop is then the launcher
+        ending the job because of it, and this rank ends with that code too."""
+        self._before_training, self._loud, self._peer_code = True, loud, peer_code
 
     def training_starts(self) -> None:
         """From here on a stop signal means "save at the next step boundary"."""
@@ -138,16 +141,17 @@ class StopFlag:
         """End the process with this flag's code: nothing is trained yet, so nothing is lost. The
         exit status is written only over ``running`` (or where there is none yet): a rank stopped
         because another one failed must not hide that rank's code (2) behind a 75."""
+        code = (self._peer_code() if self._peer_code is not None else None) or self.exit_code
         level = logging.WARNING if self._loud else logging.DEBUG
-        log.log(level, "received %s %s: nothing trained yet, nothing to save; exiting %d", name, when, self.exit_code)
+        log.log(level, "received %s %s: nothing trained yet, nothing to save; exiting %d", name, when, code)
         if self.exit_status_path is not None:
             with contextlib.suppress(OSError, UnicodeDecodeError):
                 path = self.exit_status_path
                 if not path.is_file() or path.read_text().strip() in ("", "running"):
-                    rewrite_small_file(path, f"{self.exit_code}\n")
+                    rewrite_small_file(path, f"{code}\n")
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os._exit(self.exit_code)
+        os._exit(code)
 
     def install(self) -> "StopFlag":
         if threading.current_thread() is threading.main_thread():

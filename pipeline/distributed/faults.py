@@ -187,18 +187,37 @@ def write_torchrun_error_file(line: str) -> None:
         pass
 
 
-def first_to_say_it() -> bool:
+def _refusal_marker() -> Path | None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return Path(path).parent.parent / "pipeline-refusal" if path else None
+
+
+def first_to_say_it(code: int) -> bool:
     """Whether this rank is the first of its node to report a mistake found before the process
     group (the same on every rank there): torchrun gives each attempt a folder that holds every
-    local rank's error file, and the first rank to create a marker there prints the line; the
-    others leave it to torchrun's summary. True without torchrun, or where the marker cannot be made."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
+    local rank's error file, and the first rank to create a marker there (with its exit code)
+    prints the line; the others leave it to torchrun's summary. True without torchrun, or where
+    the marker cannot be made."""
+    marker = _refusal_marker()
+    if marker is None:
         return True
     try:
-        os.close(os.open(Path(path).parent.parent / "pipeline-refusal-said", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return False
     except OSError:
         return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(code))
     return True
+
+
+def peer_refusal_code() -> int | None:
+    """The exit code of a rank of this node that refused the run before the process group
+    (``first_to_say_it``), if one did: a rank that torchrun stops because of it ends with the same
+    code, as every rank of a failed run does."""
+    marker = _refusal_marker()
+    try:
+        return int(marker.read_text()) if marker is not None else None
+    except (OSError, ValueError):
+        return None

@@ -83,5 +83,7 @@ def test_num_labels_needs_encoder_only(base, digits_shards, tmp_path, capsys):
     run = runs.stage_run(base, digits_shards, "mae", 3).out
     assert export(run, tmp_path / "x", "--num-labels", "10") == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --num-labels 10: give a positive count, with --encoder-only (a new classifier on the encoder); "
-        "a classification checkpoint keeps its own classifier")
+        "error: --num-labels 10 needs --encoder-only: it puts a new classifier on the checkpoint's encoder; "
+        "a classification checkpoint keeps its own classifier without it")
+    assert export(run, tmp_path / "y", "--encoder-only", "--num-labels", "0") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --num-labels 0: give a positive count of classes"
