@@ -127,7 +127,9 @@ def mae(overrides: list[str], started: float) -> int:
     knn_during = last_pretrain.get("val_knn_top1")
     print(f"\nMAE pretraining ({cfg.train.max_steps} steps, mask ratio {cfg.model.mask_ratio}, labels unused): "
           f"validation reconstruction loss {last_pretrain['val_loss']:.4f}"
-          + (f", k-NN top-1 at the last evaluation {knn_during:.2%}" if knn_during is not None else ""))
+          + (f", k-NN top-1 at the last evaluation {knn_during:.2%} (the training engine's bf16 weights under "
+             "bf16 autocast; the k-NN figure below is the same probe, bank and transform, in fp32 from the saved "
+             "checkpoint)" if knn_during is not None else ""))
     print(f"frozen encoder probes ({cfg.probe.features} features; k-NN k={cfg.probe.k} and a linear probe on the "
           "training split, top-1 on the validation split):")
     print(f"  {'encoder':<16}{'k-NN':>8}{'linear':>9}")

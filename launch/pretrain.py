@@ -19,9 +19,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 log = logging.getLogger("pretrain")
 
+HELP_EPILOG = """\
+objectives: train.objective=classification (the default; needs labeled shards), mae or simmim
+  (masked-image pretraining, labels not needed); train.init_from=RUN_OR_HF_DIR starts from an encoder.
+config keys: the sections model, data, optim, train, checkpoint, probe, deepspeed; each key is a
+  field of the dataclasses in pipeline/config/ (model.py, sections.py), listed in README.md
+  ("Configs"); an unknown key is refused with the known ones.
+exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me; under
+  torchrun, send the signal to the workers, or stop torchrun itself: its ranks save and exit 75);
+  130 stopped by Ctrl-C after saving; 2 a user error (one line: config, data, checkpoint,
+  environment, a full or read-only disk); 1 a failure. torchrun itself exits 1 for any of them:
+  rank 0 leaves the code in <train.output_dir>/exit_status ("running" while it runs).
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=HELP_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
