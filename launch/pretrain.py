@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before anything slow (imports, the process group, loading a checkpoint): from here on a
     # stop signal only sets a flag, and the run saves and exits 75 (130 for Ctrl-C) instead of dying;
-    # until training starts there is nothing to save, and a stop signal ends the process at once.
+    # until training starts there is nothing to save: a stop signal ends the process once the
+    # inputs are checked (a rank that finds a mistake ends with 2 either way).
     from pipeline.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopFlag
 
     stop_flag = StopFlag().install()
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     # refused the config: that rank's line says why, and the others stay quiet.
     from pipeline.distributed.faults import peer_refusal_code
 
-    stop_flag.exit_before_training(loud=_first_rank() and not under_torchrun, peer_code=peer_refusal_code)
+    stop_flag.checking_first(loud=_first_rank() and not under_torchrun, peer_code=peer_refusal_code)
     if under_torchrun:
         # torchrun starts each worker in a session of its own: where its agent dies (kill -USR1,
         # `timeout -s USR1`, srun's SIGKILL), nothing else would end the worker. Its death is a
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.is_main:
             write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
             stop_flag.exit_status_path = status_path
+        stop_flag.exit_before_training()  # the checks passed: a stop signal (even one already come) ends it now
         with stop_flag.ending_the_wait("waiting for the other ranks"):
             init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
         stop_flag.training_starts()

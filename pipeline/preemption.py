@@ -46,22 +46,33 @@ class StopFlag:
         # Set by the launcher on rank 0: where a Ctrl-C leaves 130 at once (see the module doc).
         self.exit_status_path: Path | None = None
         self._previous: dict[int, object] = {}
-        self._before_training = False  # see exit_before_training
+        self._phase = "training"  # "checking" -> "starting" -> "training": see checking_first
         self._loud = True
         self._peer_code = None
         # The launcher whose death is a SIGTERM here (lifetime.die_with_parent): said in the log
         self.launcher_pid: int | None = None
 
-    def exit_before_training(self, *, loud: bool, peer_code=None) -> None:
-        """From now until ``training_starts``, a stop signal exits at once (nothing to save).
-        ``loud``: say so as a warning, else at debug level (not shown). ``peer_code()``: the code of
-        another rank that has already refused the run, if any: the stop is then the launcher
-        ending the job because of it, and this rank ends with that code too."""
-        self._before_training, self._loud, self._peer_code = True, loud, peer_code
+    def checking_first(self, *, loud: bool, peer_code=None) -> None:
+        """The launcher's first call: until ``exit_before_training``, the run checks its inputs,
+        and a stop signal is only recorded, without the checkpoint announcement (nothing is
+        trained): a rank that then finds a mistake still ends with its own code (2), as every rank
+        of a failed run must (Slurm requeues a job whose code is 75). ``loud``: say what a stop
+        before training does as a warning, else at debug level (not shown; under torchrun a stop
+        then is mostly torchrun ending the others after one rank refused). ``peer_code()``: the
+        code of another rank that has already refused the run, if any: a rank stopped because of
+        it ends with that code too."""
+        self._phase, self._loud, self._peer_code = "checking", loud, peer_code
+
+    def exit_before_training(self) -> None:
+        """The checks passed: from now until ``training_starts`` a stop signal exits at once
+        (nothing to save), and one that came during the checks does so now."""
+        self._phase = "starting"
+        if self.signal_name is not None:
+            self.exit_now(self.signal_name, "before training started")
 
     def training_starts(self) -> None:
         """From here on a stop signal means "save at the next step boundary"."""
-        self._before_training = False
+        self._phase = "training"
 
     @property
     def requested(self) -> bool:
@@ -74,11 +85,16 @@ class StopFlag:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self._before_training and self.signal_name is None:
+        if self._phase == "starting" and self.signal_name is None:
             self.signal_name = name
             self.exit_now(name, "before training started")
         if signum == signal.SIGINT:
             self._on_interrupt()
+        if self._phase == "checking":
+            log.log(logging.WARNING if self._loud else logging.DEBUG, "received %s while checking the run: it "
+                    "ends once the checks are done (nothing trained, nothing to save)", name)
+            self.signal_name = self.signal_name or name
+            return
         if self.signal_name is None:
             self.signal_name = name
             if signum == signal.SIGINT:

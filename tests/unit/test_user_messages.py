@@ -75,3 +75,35 @@ def test_the_demo_lets_the_users_overrides_replace_its_own():
     assert with_defaults(defaults, ["checkpoint.overwrite=false", "train.max_steps=5"]) == [
         "checkpoint.resume=none", "checkpoint.overwrite=false", "train.max_steps=5"]
     load_config(None, with_defaults(defaults, ["checkpoint.overwrite=false"]))  # no repeated key
+
+
+def test_a_stop_before_training_waits_for_the_checks_then_ends_without_announcing_a_checkpoint(tmp_path):
+    """While the run checks its inputs a stop signal is only recorded (a rank that then finds a
+    mistake ends with its own 2); once the checks pass it ends the process at once: nothing is
+    trained, and no "will save a checkpoint" line."""
+    import subprocess
+    import textwrap
+
+    status = tmp_path / "exit_status"
+    status.write_text("running\n")
+    code = textwrap.dedent(f"""
+        import logging, os, signal
+        from pathlib import Path
+        from pipeline.preemption import StopFlag
+        logging.basicConfig(level=logging.INFO)
+        flag = StopFlag().install()
+        flag.exit_status_path = Path({str(status)!r})
+        flag.checking_first(loud=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still checking", flag.requested, flush=True)
+        flag.exit_before_training()
+        print("not reached", flush=True)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 75, result.stderr
+    assert result.stdout.splitlines() == ["still checking True"]
+    assert "received SIGTERM while checking the run" in result.stderr
+    assert "received SIGTERM before training started: nothing trained yet, nothing to save; exiting 75" in result.stderr
+    assert "will save a checkpoint" not in result.stderr
+    assert status.read_text() == "75\n"
