@@ -111,14 +111,14 @@ def split_features(model: nn.Module, task: Task, cfg: Config, split: str) -> tup
     return torch.cat(features), torch.cat(labels)
 
 
-def probe_encoder(model: nn.Module, task: Task, cfg: Config) -> dict[str, float]:
+def probe_encoder(model: nn.Module, task: Task, cfg: Config, counts: bool = False) -> dict[str, float]:
     """{"knn_top1", "linear_top1"} of ``model``'s frozen encoder: bank / fit on the train split,
-    scored on the validation split."""
+    scored on the validation split (``counts``: and the number of images of each)."""
     train_x, train_y = split_features(model, task, cfg, "train")
     val_x, val_y = split_features(model, task, cfg, "val")
-    return {"knn_top1": knn_top1(train_x, train_y, val_x, val_y, k=cfg.probe.k, temperature=cfg.probe.temperature),
-            "linear_top1": linear_probe_top1(train_x, train_y, val_x, val_y),
-            "train_samples": len(train_y), "val_samples": len(val_y)}
+    figures = {"knn_top1": knn_top1(train_x, train_y, val_x, val_y, k=cfg.probe.k, temperature=cfg.probe.temperature),
+               "linear_top1": linear_probe_top1(train_x, train_y, val_x, val_y)}
+    return {**figures, "train_samples": len(train_y), "val_samples": len(val_y)} if counts else figures
 
 
 class EncoderFeatures:
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, probe=probe)
         model = ViTForImageClassification(cfg.model)
         load_encoder(model, model_dir)  # the encoder alone, as train.init_from takes it
-        figures = probe_encoder(model, EncoderFeatures(), cfg)
+        figures = probe_encoder(model, EncoderFeatures(), cfg, counts=True)
     except (UserError, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
