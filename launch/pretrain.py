@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -18,9 +19,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 log = logging.getLogger("pretrain")
 
+HELP_EPILOG = """\
+objectives: train.objective=classification (the default; needs labeled shards), mae or simmim
+  (masked-image pretraining, labels not needed); train.init_from=RUN_OR_HF_DIR starts from an encoder.
+config keys: the sections model, data, optim, train, checkpoint, probe, deepspeed; each key is a
+  field of the dataclasses in pipeline/config/ (model.py, sections.py), listed in README.md
+  ("Configs"); an unknown key is refused with the known ones.
+exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me; under
+  torchrun, send the signal to the workers, or stop torchrun itself: its ranks save and exit 75);
+  130 stopped by Ctrl-C after saving; 2 a user error (one line: config, data, checkpoint,
+  environment, a full or read-only disk); 1 a failure. torchrun itself exits 1 for any of them:
+  rank 0 leaves the code in <train.output_dir>/exit_status ("running" while it runs).
+"""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=HELP_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file under configs/")
     parser.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -31,14 +46,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before anything slow (imports, the process group, loading a checkpoint): from here on a
-    # stop signal only sets a flag, and the run saves and exits 75 (130 for Ctrl-C) instead of dying.
+    # stop signal only sets a flag, and the run saves and exits 75 (130 for Ctrl-C) instead of dying;
+    # until training starts there is nothing to save: a stop signal ends the process once the
+    # inputs are checked (a rank that finds a mistake ends with 2 either way).
     from pipeline.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopFlag
 
     stop_flag = StopFlag().install()
-    from pipeline.errors import UserError, one_line
+    under_torchrun = bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+    # Under torchrun a stop before training is mostly torchrun ending the others after one rank
+    # refused the config: that rank's line says why, and the others stay quiet.
+    from pipeline.distributed.faults import peer_refusal_code
+
+    stop_flag.checking_first(loud=_first_rank() and not under_torchrun, peer_code=peer_refusal_code)
+    if under_torchrun:
+        # torchrun starts each worker in a session of its own: where its agent dies (kill -USR1,
+        # `timeout -s USR1`, srun's SIGKILL), nothing else would end the worker. Its death is a
+        # SIGTERM here: before training the worker exits at once, during training it saves and exits 75.
+        from pipeline.lifetime import die_with_parent
+
+        stop_flag.launcher_pid = os.getppid()
+        die_with_parent(stop_flag.launcher_pid, sig=signal.SIGTERM)
+    from pipeline.config import dump_config, load_config, output_dir_of
+    from pipeline.errors import UserError
+
+    status_path = None if args.check else Path(output_dir_of(args.config, args.overrides)) / "exit_status"
+    if status_path is not None and _first_rank():
+        # "running" from the start: a rerun of a finished run that fails now must not leave its 0
+        write_exit_status(status_path, "running", create=True)
+        stop_flag.exit_status_path = status_path
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    from pipeline.config import dump_config, load_config
-    from pipeline.distributed.env import resolve_env
+    from pipeline.distributed.env import resolve_env, set_torch_threads
     from pipeline.metrics import setup_logging
     from pipeline.validate import validate_run
 
@@ -47,18 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         env = resolve_env()
         validate_run(cfg, env.world_size)  # --check and training alike: mistakes that would fail later
     except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return error.exit_code
+        return refuse(error, status_path)
     setup_logging(env.rank)
     if args.check:
         dump_config(cfg, "/dev/stdout")
         return 0
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        # torchrun starts each worker in a session of its own: where its agent is killed (srun's
-        # SIGKILL, proctrack/pgid), nothing else would end the worker, and it would train on alone.
-        from pipeline.lifetime import die_with_parent
-
-        die_with_parent(os.getppid())
+    set_torch_threads(num_workers=cfg.data.num_workers, local_world_size=env.local_world_size)
     threading.excepthook = _quiet_storage_errors
 
     from pipeline.distributed.engine import destroy_process_group, device_for, init_process_group
@@ -69,38 +100,71 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.trainer import train
 
     status_path = Path(cfg.train.output_dir) / "exit_status"
-    code = 1
+    code, refused = 1, False
     try:
-        check_precision(cfg.train.precision, device_for(env))
-        task = build_task(cfg)  # every rank, before any rank waits for another: the same refusal everywhere
-        checked = preflight(cfg, env, shape_fields=task.shape_fields, build_model=task.build_model)
+        try:
+            check_precision(cfg.train.precision, device_for(env))
+            task = build_task(cfg)  # every rank, before any rank waits for another: the same refusal everywhere
+            checked = preflight(cfg, env, shape_fields=task.shape_fields, build_model=task.build_model)
+        except UserError as error:  # before the process group: the same on every rank, no rank to tell
+            refused = True
+            return refuse(error, status_path)
         if env.is_main:
             write_exit_status(status_path, "running")  # holds a block, for the final code on a full disk
             stop_flag.exit_status_path = status_path
+        stop_flag.exit_before_training()  # the checks passed: a stop signal (even one already come) ends it now
         with stop_flag.ending_the_wait("waiting for the other ranks"):
             init_process_group(env, timeout_s=float(os.environ.get("PIPELINE_DIST_TIMEOUT_S", 1800)))
+        stop_flag.training_starts()
         code = train(cfg, env, stop_flag, checked)  # 75 or 130 after a stop: agreed by all ranks
     except BaseException as error:  # noqa: BLE001 - every exit path must still tear down the group
         code = report_failure(error, rank=env.rank, world_size=env.world_size, output_dir=cfg.train.output_dir)
     finally:
-        if env.is_main:
-            write_exit_status(status_path, code)
-        destroy_process_group(clean=code in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED))
+        if not refused:
+            if env.is_main:
+                write_exit_status(status_path, code)
+            destroy_process_group(clean=code in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED))
     return code
 
 
-def write_exit_status(path: Path, code: int | str) -> None:
+def _first_rank() -> bool:
+    """Rank 0, or a single process; read before the environment is resolved (and checked)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def refuse(error: BaseException, status_path: Path | None) -> int:
+    """A mistake found before the process group (config, environment, inputs): the same on every
+    rank of a node. Said once: by the first rank of the node to find it, and by every rank in
+    torchrun's error file, which its failure summary shows in place of "<N/A>"; the code goes to ``exit_status`` (by any rank
+    that finds the mistake: rank 0 may be stopped by torchrun before it finds it itself)."""
+    from pipeline.distributed.faults import first_to_say_it, write_torchrun_error_file
+    from pipeline.errors import exit_code_for, one_line
+
+    line, code = one_line(error), exit_code_for(error)
+    write_torchrun_error_file(line)
+    if first_to_say_it(code):
+        print(f"error: {line}", file=sys.stderr, flush=True)
+    if status_path is not None:
+        write_exit_status(status_path, code, create=True)
+    return code
+
+
+def write_exit_status(path: Path, code: int | str, create: bool = False) -> None:
     """torchrun reports any failing worker as 1, so the code that means "requeue me" (75) is
     also left in <output_dir>/exit_status for the Slurm script to read. Rewritten in place, so
-    that a disk that has just filled up still takes it."""
-    if not path.parent.is_dir():
-        return
+    that a disk that has just filled up still takes it. ``create``: make the run directory first
+    (at the start; a directory that cannot be made is the preflight's to report, in its own line)."""
     try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            return
         from pipeline.storage import rewrite_small_file
 
         rewrite_small_file(path, f"{code}\n")
     except OSError as error:
-        log.warning("could not write the exit status %s to %s: %s", code, path, error)
+        if not create:
+            log.warning("could not write the exit status %s to %s: %s", code, path, error)
 
 
 def _quiet_storage_errors(args: threading.ExceptHookArgs) -> None:

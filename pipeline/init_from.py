@@ -27,17 +27,6 @@ from pipeline.tasks import Task
 
 log = logging.getLogger(__name__)
 
-def _hf_architecture(directory: Path) -> str:
-    """The class of ours that reads an HF directory: MAE and SimMIM as themselves; a ViTModel or a
-    classifier as our classifier (a missing classifier is then created, and not used here)."""
-    hf = json.loads((directory / CONFIG_NAME).read_text())
-    if hf.get("model_type") == "vit_mae":
-        return "ViTMAEForPreTraining"
-    if "ViTForMaskedImageModeling" in (hf.get("architectures") or []):
-        return "ViTForMaskedImageModeling"
-    return "ViTForImageClassification"
-
-
 def pretrained_encoder(path: str | Path) -> tuple[dict[str, Tensor], str]:
     """The encoder weights (fp32, CPU) of ``path`` and a description of where they came from."""
     path = Path(path)
@@ -46,10 +35,12 @@ def pretrained_encoder(path: str | Path) -> tuple[dict[str, Tensor], str]:
                               "directory or an HF directory (config.json + model.safetensors)")
     if (path / CONFIG_NAME).is_file():
         try:
-            model = from_pretrained(path, architecture=_hf_architecture(path))
+            model = from_pretrained(path)  # the class its config.json names; a ViTModel as our classifier
         except (ValueError, ConfigError, OSError) as error:
             raise CheckpointError(f"train.init_from={path}: {' '.join(str(error).split())}") from None
-        return encoder_keys(model.state_dict()), f"HF directory {path} ({type(model).__name__})"
+        # the class the directory declares (an --encoder-only export is a ViTModel, read by our classifier)
+        declared = (json.loads((path / CONFIG_NAME).read_text()).get("architectures") or [type(model).__name__])[0]
+        return encoder_keys(model.state_dict()), f"HF directory {path} ({declared})"
     tag_dir = find_checkpoint(path, what="train.init_from")
     marker = read_marker(tag_dir)
     state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))

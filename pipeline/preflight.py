@@ -54,7 +54,7 @@ def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...]
     resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir, overwrite=cfg.checkpoint.overwrite)
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
                                   world_size=env.world_size, zero_stage=cfg.train.zero_stage,
-                                  shape_fields=shape_fields)
+                                  shape_fields=shape_fields, objective=cfg.train.objective)
     io = IoOptions.from_config(cfg.data)  # remote shards: HEAD-checked here, before the process group
     train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards", io=io)
     val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards", io=io) \

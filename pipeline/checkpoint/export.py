@@ -203,9 +203,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input:
     ``checkpoint`` into ``out_dir``: the objective's model, or with ``encoder_only`` its encoder
     (``num_labels``: as a classifier with a new head). ``rgb_input`` (classifiers only): see
     ``export_meta.export_model``."""
-    if num_labels is not None and (not encoder_only or num_labels < 1):
-        raise ExportError(f"--num-labels {num_labels}: give a positive count, with --encoder-only (a new "
-                          "classifier on the encoder); a classification checkpoint keeps its own classifier")
+    if num_labels is not None and not encoder_only:
+        raise ExportError(f"--num-labels {num_labels} needs --encoder-only: it puts a new classifier on the "
+                          "checkpoint's encoder; a classification checkpoint keeps its own classifier without it")
+    if num_labels is not None and num_labels < 1:
+        raise ExportError(f"--num-labels {num_labels}: give a positive count of classes")
     tag_dir = find_checkpoint(checkpoint)
     out_dir = check_out_dir(out_dir)
     marker = read_marker(tag_dir)

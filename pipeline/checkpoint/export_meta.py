@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Config, ConfigError, DataConfig, load_config
-from pipeline.data.sources import manifest_classes, manifest_of
+from pipeline.data.sources import manifest_classes, manifest_of, manifest_says_unlabeled
 from pipeline.errors import UserError, os_reason
 from pipeline.model import ViTForImageClassification, build_model, save_pretrained
 
@@ -96,8 +96,12 @@ def export_model(model: ViTForImageClassification, out_dir: Path, *, run: Config
     """Write the HF directory: weights and config.json with the class names, and the image processor."""
     classes = None
     if run is not None:
-        found = manifest_classes(manifest_of(run.data.train_shards, run.data.manifest))
-        if found is None:
+        manifest = manifest_of(run.data.train_shards, run.data.manifest)
+        found = manifest_classes(manifest)
+        if found is None and manifest_says_unlabeled(manifest):
+            log.info("the shards %s are unlabeled (their manifest.json says \"labeled\": false): id2label stays "
+                     "LABEL_<i>", run.data.train_shards)
+        elif found is None:
             log.warning("no manifest.json with class names for %s: id2label stays LABEL_<i>", run.data.train_shards)
         else:
             classes = found[0]

@@ -59,13 +59,21 @@ class ResumePlan:
 
 
 def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, world_size: int,
-                shape_fields: tuple[str, ...]) -> ResumePlan | None:
+                shape_fields: tuple[str, ...], objective: str | None = None) -> ResumePlan | None:
     """Check a checkpoint against this run before any weights are touched; ``shape_fields`` are the
-    model fields the task's weights depend on (``Task.shape_fields``)."""
+    model fields the task's weights depend on (``Task.shape_fields``). The objective comes first:
+    another objective's weights differ in more than shape, and naming its fields would send the
+    user round in circles."""
     if tag_dir is None:
         return None
     marker = read_marker(tag_dir)
     saved_model = marker.get("model", {})
+    saved_task = marker.get("task", "classification")
+    if objective is not None and saved_task != objective:
+        raise CheckpointError(
+            f"checkpoint '{tag_dir}' was trained with train.objective={saved_task}, not {objective}: resume it "
+            f"with train.objective={saved_task}, or start {objective} from its encoder with "
+            f"train.init_from={tag_dir} and another train.output_dir")
 
     def differs(key: str) -> bool:
         return key in saved_model and saved_model[key] != model_config.get(key)

@@ -6,7 +6,8 @@ every value's type. A mistake is a one-line :class:`ConfigError` naming the key 
 allowed. Standard library and PyYAML only: everything else imports this package, never the reverse.
 """
 from .errors import ConfigError
-from .loading import SECTIONS, apply_overrides, config_from_dict, dump_config, load_config, parse_override
+from .loading import (SECTIONS, apply_overrides, config_from_dict, dump_config, load_config, output_dir_of,
+                      parse_override)
 from .model import DEFAULT_SIZE, HIDDEN_ACTS, MODEL_SIZES, ModelConfig
 from .sections import (AUGMENTS, OBJECTIVES, PRECISIONS, PROBE_FEATURES, CheckpointConfig, Config, DataConfig,
                        OptimConfig, ProbeConfig, TrainConfig)
@@ -14,4 +15,4 @@ from .sections import (AUGMENTS, OBJECTIVES, PRECISIONS, PROBE_FEATURES, Checkpo
 __all__ = ["AUGMENTS", "DEFAULT_SIZE", "HIDDEN_ACTS", "MODEL_SIZES", "OBJECTIVES", "PRECISIONS", "PROBE_FEATURES",
            "SECTIONS", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig", "OptimConfig",
            "ProbeConfig", "TrainConfig", "apply_overrides",
-           "config_from_dict", "dump_config", "load_config", "parse_override"]
+           "config_from_dict", "dump_config", "load_config", "output_dir_of", "parse_override"]

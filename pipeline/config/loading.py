@@ -7,6 +7,7 @@ an unquoted brace pattern the shell expanded into one argument per shard.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from pathlib import Path
@@ -128,11 +129,41 @@ def _refuse_expanded_braces(overrides: list[str]) -> None:
             end = i
             while end + 1 < len(keys) and keys[end + 1] == keys[i]:
                 end += 1
-            run = overrides[i - 1:end + 1]
-            raise ConfigError(
-                f"override key '{keys[i]}' is given {len(run)} times in a row ({', '.join(run)}), as the shell's "
-                f"brace expansion leaves an unquoted pattern such as {{000000..000003}}: quote the whole "
-                f"override, e.g. '{keys[i]}=train-{{000000..000003}}.tar', or give the key once")
+            values = [text.partition("=")[2] for text in overrides[i - 1:end + 1]]
+            given = f"override key '{keys[i]}' is given {len(values)} times in a row ({', '.join(values)})"
+            if _looks_expanded(values):
+                raise ConfigError(
+                    f"{given}, as the shell's brace expansion leaves an unquoted pattern such as "
+                    f"{{000000..000003}}: quote the whole override, e.g. "
+                    f"'{keys[i]}={_pattern_of(values)}', or give the key once")
+            raise ConfigError(f"{given}: give it once, with the value you mean")
+
+
+def _split_common(values: list[str]) -> tuple[str, list[str], str]:
+    """(common prefix, the parts that differ, common suffix), a number kept whole in the middle."""
+    prefix = os.path.commonprefix(values)
+    suffix = os.path.commonprefix([v[len(prefix):][::-1] for v in values])[::-1]
+    prefix, suffix = prefix.rstrip("0123456789"), suffix.lstrip("0123456789")
+    return prefix, [v[len(prefix):len(v) - len(suffix)] for v in values], suffix
+
+
+def _looks_expanded(values: list[str]) -> bool:
+    """What a shell's {a..b} or {x,y} leaves: distinct values, the same text around what differs
+    (a run of numbers, or a few characters at least: true/false do not qualify)."""
+    if len(set(values)) < 2:
+        return False
+    prefix, middles, suffix = _split_common(values)
+    numbered = all(m.isdigit() for m in middles) and (prefix or suffix)
+    return bool(numbered or len(prefix) + len(suffix) >= 3)
+
+
+def _pattern_of(values: list[str]) -> str:
+    """The brace pattern that expands to ``values``: ``train-{000000..000003}.tar`` for a run of numbers."""
+    prefix, middles, suffix = _split_common(values)
+    if all(m.isdigit() for m in middles) and [int(m) for m in middles] == list(range(int(middles[0]),
+                                                                                      int(middles[0]) + len(middles))):
+        return f"{prefix}{{{middles[0]}..{middles[-1]}}}{suffix}"
+    return f"{prefix}{{{','.join(middles)}}}{suffix}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -165,6 +196,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             where = f" at line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax") from None
     return config_from_dict(apply_overrides(raw, list(overrides or [])))
+
+
+def output_dir_of(path: str | Path | None, overrides: list[str] | None = None) -> str:
+    """``train.output_dir`` as the run will see it, read without checking anything else: the
+    launcher writes ``exit_status`` there before the config is loaded, so that a config refused
+    later still leaves its code (and a rerun's refusal does not leave the old run's 0)."""
+    from .sections import TrainConfig
+
+    value: Any = None
+    for text in reversed(list(overrides or [])):
+        dotted, _, raw = text.partition("=")
+        if dotted.strip() == "train.output_dir":
+            value = raw.strip()
+            break
+    if value is None and path is not None:
+        try:
+            value = ((yaml.safe_load(Path(path).read_text()) or {}).get("train") or {}).get("output_dir")
+        except (OSError, yaml.YAMLError, AttributeError):
+            value = None
+    return str(value) if value else TrainConfig.output_dir
 
 
 def dump_config(config: Config, path: str | Path) -> None:

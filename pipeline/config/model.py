@@ -53,7 +53,8 @@ class ModelConfig:
     patch_size: int | list[int] | None = None  # an int, or [height, width]
     num_channels: int = 3
     qkv_bias: bool = True
-    encoder_stride: int = 16
+    # SimMIM's PixelShuffle factor; None: the patch size, as HF's configs pair them (16 with 16)
+    encoder_stride: int | None = None
     pooler_output_size: int | None = None
     pooler_act: str = "tanh"
     num_labels: int = 1000
@@ -70,7 +71,9 @@ class ModelConfig:
     # SimMIM, the paper's mask generator (transformers' ViTConfig has no such fields). Its ratio is a
     # field of its own: MAE's mask_ratio keeps HF's name and default, and the two objectives'
     # defaults (0.75, 0.6) differ, so one field would need a default that depends on train.objective.
-    mask_patch_size: int = 32  # masked blocks are mask_patch_size pixels square
+    # Masked blocks are mask_patch_size pixels square. None: the paper's 32 where the image holds at
+    # least 2x2 such blocks of whole patches, else the largest multiple of the patch size that does.
+    mask_patch_size: int | None = None
     simmim_mask_ratio: float = 0.6
 
     def __post_init__(self) -> None:
@@ -105,6 +108,10 @@ class ModelConfig:
         require(image_hw[0] % patch_hw[0] == 0 and image_hw[1] % patch_hw[1] == 0,
                 f"model.image_size {self.image_size} must be divisible by model.patch_size {self.patch_size}")
         self.checkpoint_layer_ids()  # validates activation_checkpointing
+        if self.encoder_stride is None:
+            self.encoder_stride = patch_hw[0]
+        if self.mask_patch_size is None:
+            self.mask_patch_size = _default_mask_patch(image_hw, patch_hw[0])
         for name in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
                      "decoder_intermediate_size", "mask_patch_size"):
             require(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}")
@@ -132,6 +139,11 @@ class ModelConfig:
                     f"model.image_size {self.image_size} must be divisible by model.mask_patch_size ({block})")
             require(block % patch_h == 0,
                     f"model.mask_patch_size ({block}) must be a multiple of model.patch_size ({patch_h})")
+            blocks = (height // block) * (width // block)
+            require(blocks >= 2,
+                    f"model.mask_patch_size ({block}) leaves {blocks} mask block in a {height}x{width} image: SimMIM "
+                    f"would mask all of it, whatever model.simmim_mask_ratio; use a smaller block, e.g. "
+                    f"model.mask_patch_size={_default_mask_patch((height, width), patch_h)}, or leave it unset")
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -165,3 +177,13 @@ def _pair(key: str, value: int | list[int] | tuple[int, int]) -> tuple[int, int]
     require(isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value),
             f"{key} must be an integer or a list [height, width], got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def _default_mask_patch(image_hw: tuple[int, int], patch: int, largest: int = 32) -> int:
+    """SimMIM's mask block: the paper's 32 px (6x6 blocks of a 192 px image) where the image holds
+    at least 2x2 blocks, else the largest multiple of the patch size that divides the image that
+    often; the patch size itself where none does (a one-patch image has nothing to mask)."""
+    for block in range(largest // patch * patch, 0, -patch):
+        if all(side % block == 0 and side // block >= 2 for side in image_hw):
+            return block
+    return patch

@@ -90,6 +90,31 @@ def resolve_env(env: Mapping[str, str] | None = None) -> DistributedEnv:
                           master_port=int(env.get("MASTER_PORT", _free_port())), launcher="single")
 
 
+def torch_threads(*, cores: int, local_world_size: int, num_workers: int) -> int:
+    """Torch's intra-op threads for one rank: its share of the cores, less one per data worker
+    (each decodes on a core of its own), at least one. Torch's own default is every core, which
+    on a busy 2-core machine fought the workers: 60 steps took 156 s instead of 13 s."""
+    return max(1, cores // max(1, local_world_size) - num_workers)
+
+
+def set_torch_threads(*, num_workers: int, local_world_size: int, log=None) -> int | None:
+    """Set torch's thread count where the user has not (``OMP_NUM_THREADS`` unset), and log it.
+    Returns the count chosen, or None where the user's setting stands."""
+    import logging
+
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = torch_threads(cores=cores, local_world_size=local_world_size, num_workers=num_workers)
+    torch.set_num_threads(threads)
+    (log or logging.getLogger(__name__)).info(
+        "torch threads: %d (%d cores, %d rank(s) on this machine, %d data worker(s) each); set OMP_NUM_THREADS "
+        "to choose", threads, cores, local_world_size, num_workers)
+    return threads
+
+
 def _free_port() -> int:
     import socket
 

@@ -172,12 +172,52 @@ def report_failure(error: BaseException, *, rank: int, world_size: int, output_d
 
 
 def write_torchrun_error_file(line: str) -> None:
-    """torchrun prints this file's message as the failure's "traceback" in its summary."""
+    """torchrun prints this file's message as the failure's "traceback" in its summary. The layout
+    is the one ``elastic.multiprocessing.errors.record`` writes (``ErrorHandler.record_exception``),
+    with the one line in place of a Python traceback: torchrun then also records the exit code in it
+    without warning about the file's format."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    stamp = str(int(time.time()))
     try:
         with open(path, "w") as handle:
-            json.dump({"message": line, "timestamp": str(int(time.time()))}, handle)
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": stamp}}}, handle)
     except OSError:  # a full disk: torchrun then prints its generic line
         pass
+
+
+def _refusal_marker() -> Path | None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    return Path(path).parent.parent / "pipeline-refusal" if path else None
+
+
+def first_to_say_it(code: int) -> bool:
+    """Whether this rank is the first of its node to report a mistake found before the process
+    group (the same on every rank there): torchrun gives each attempt a folder that holds every
+    local rank's error file, and the first rank to create a marker there (with its exit code)
+    prints the line; the others leave it to torchrun's summary. True without torchrun, or where
+    the marker cannot be made."""
+    marker = _refusal_marker()
+    if marker is None:
+        return True
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    except OSError:
+        return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(str(code))
+    return True
+
+
+def peer_refusal_code() -> int | None:
+    """The exit code of a rank of this node that refused the run before the process group
+    (``first_to_say_it``), if one did: a rank that torchrun stops because of it ends with the same
+    code, as every rank of a failed run does."""
+    marker = _refusal_marker()
+    try:
+        return int(marker.read_text()) if marker is not None else None
+    except (OSError, ValueError):
+        return None

@@ -144,16 +144,27 @@ def _readable_by_all(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def architecture_of(hf: dict[str, Any]) -> str:
+    """The class of ours that reads an HF config.json: MAE and SimMIM as themselves (this project's
+    exports of them too); a ViTModel or a classifier as our classifier."""
+    if hf.get("model_type") == "vit_mae":
+        return "ViTMAEForPreTraining"
+    if "ViTForMaskedImageModeling" in (hf.get("architectures") or []):
+        return "ViTForMaskedImageModeling"
+    return "ViTForImageClassification"
+
+
 def from_pretrained(directory: str | Path, *, num_labels: int | None = None, activation_checkpointing: str = "none",
-                    architecture: str = "ViTForImageClassification") -> nn.Module:
-    """Load a transformers-format ViT directory into our ``architecture`` (a name of ARCHITECTURES).
+                    architecture: str | None = None) -> nn.Module:
+    """Load a transformers-format ViT directory into our ``architecture`` (a name of ARCHITECTURES;
+    None: the one its config.json names, ``architecture_of``).
 
     For the classifier, a ViTModel checkpoint (no classifier) loads its backbone and keeps a freshly
     initialised classifier; so does a checkpoint whose label count differs from a given
     ``num_labels`` (fine-tuning on new classes). Any other missing, unexpected or mis-shaped key is
     an error; the pretraining models (MAE, SimMIM) must find every weight of theirs.
     """
-    if architecture not in ARCHITECTURES:
+    if architecture is not None and architecture not in ARCHITECTURES:
         raise ValueError(f"architecture '{architecture}' is unknown; use one of {', '.join(ARCHITECTURES)}")
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
@@ -164,6 +175,7 @@ def from_pretrained(directory: str | Path, *, num_labels: int | None = None, act
         raise ValueError(f"'{config_path}' is missing; the directory must hold config.json from save_pretrained")
     try:
         hf = json.loads(config_path.read_text())
+        architecture = architecture or architecture_of(hf)
         overrides: dict[str, Any] = {"activation_checkpointing": activation_checkpointing}
         if num_labels is not None:
             overrides["num_labels"] = num_labels

@@ -80,8 +80,9 @@ class Launch:
             time.sleep(0.05)
 
 
-def launch(nproc: int, out: Path, overrides: list[str], script: Path = PRETRAIN) -> Launch:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+def launch(nproc: int, out: Path, overrides: list[str], script: Path = PRETRAIN, wrapper: tuple[str, ...] = ()) -> Launch:
+    """``wrapper``: a command that runs torchrun, e.g. ("timeout", "-s", "USR1", "600")."""
+    command = [*wrapper, sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(script), "--config", str(ROOT / "configs/digits_tiny.yaml"), *overrides,
                f"train.output_dir={out}"]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ several tests, and four runs cover the four ZeRO stages (each objective at two o
 - mae at ZeRO-0 and ZeRO-3, simmim at ZeRO-1 and ZeRO-2, all bf16, 16 steps, through
   tests/integration/guarded_pretrain.py;
 - mae at ZeRO-3 and simmim at ZeRO-2 are also the uninterrupted twins of a run stopped by
-  SIGUSR1 and resumed; simmim at ZeRO-1 trains on unlabeled shards (no .cls at all); simmim at
+  SIGUSR1 to torchrun itself and resumed (mae: `timeout -s USR1` running out; simmim: `kill -USR1
+  <torchrun>`): torchrun dies of it, and its death is a SIGTERM to its ranks, which save and exit 75; simmim at ZeRO-1 trains on unlabeled shards (no .cls at all); simmim at
   ZeRO-2 starts from the encoder of the mae ZeRO-3 run (train.init_from).
 
 The other four pairs (mae at ZeRO 1-2, simmim at ZeRO 0 and 3) pass too: add them to STAGE_RUNS
@@ -15,11 +16,12 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint_runs
-from checkpoint_runs import Launch, ledger_steps, wait_until
+from checkpoint_runs import Launch, _state, children, ledger_steps, wait_until
 from conftest import ROOT, TINY, TINY_DECODER, shard_overrides
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
@@ -57,8 +59,8 @@ def overrides(base: Path, shards: Path, objective: str, stage: int) -> list[str]
     return [*MASKED, *shard_overrides(data), f"train.objective={objective}", f"train.zero_stage={stage}", *extra]
 
 
-def launch(script: Path, out: Path, args: list[str]) -> Launch:
-    return checkpoint_runs.launch(2, out, args, script=script)
+def launch(script: Path, out: Path, args: list[str], wrapper: tuple[str, ...] = ()) -> Launch:
+    return checkpoint_runs.launch(2, out, args, script=script, wrapper=wrapper)
 
 
 def stage_run(base: Path, shards: Path, objective: str, stage: int) -> Launch:
@@ -75,28 +77,54 @@ def stage_run(base: Path, shards: Path, objective: str, stage: int) -> Launch:
 @dataclass
 class Pair:
     full: Launch
-    first: Launch  # stopped by SIGUSR1
+    first: Launch  # torchrun (mae: under `timeout`) stopped by SIGUSR1
     second: Launch  # the same command again: resumes
     stopped_at: int
-    first_status: str | None  # the stopped run's exit_status, before the resumed run rewrites it
+    how: str  # how SIGUSR1 reached torchrun
+    exit_status: str | None  # the first launch's, once its ranks had ended
+
+
+# How each pair's SIGUSR1 reaches torchrun, as a user sends it: coreutils' `timeout -s USR1 N`
+# running out (its timer is a SIGALRM to itself: sending one ends the wait now), or `kill -USR1`.
+SIGNALLED = {"mae": "timeout -s USR1", "simmim": "kill -USR1 <torchrun>"}
+
+
+def trainers(pid: int) -> list[int]:
+    """The training processes below ``pid`` (torchrun's children; under `timeout`, its grandchildren)."""
+    found, todo = [], children(pid)
+    while todo:
+        child = todo.pop()
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        if any(a.endswith(b"pretrain.py") for a in argv) and b"torch.distributed.run" not in argv:
+            found.append(child)
+        else:
+            todo.extend(children(child))
+    return sorted(found)
 
 
 def preempted_pair(base: Path, shards: Path, objective: str) -> Pair:
-    """The twin, then the same configuration stopped by SIGUSR1 after its first steps and resumed."""
+    """The twin, then the same configuration stopped by SIGUSR1 to torchrun after its first steps
+    and resumed."""
     key = ("pair", objective)
     if key not in _CACHE:
         stage = TWIN_STAGE[objective]
         full = stage_run(base, shards, objective, stage)
         args, out = overrides(base, shards, objective, stage), base / f"{objective}-zero{stage}-preempted"
-        first = launch(PRETRAIN, out, args)
+        how = SIGNALLED[objective]
+        first = launch(PRETRAIN, out, args, wrapper=("timeout", "-s", "USR1", "600") if how.startswith("timeout") else ())
         wait_until(lambda: ledger_steps(out, 0) >= 1 and ledger_steps(out, 1) >= 1, first, "step 1")
-        for pid in first.worker_pids():
-            os.kill(pid, signal.SIGUSR1)
-        first.wait()
+        ranks = trainers(first.process.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(first.process.pid, signal.SIGALRM if how.startswith("timeout") else signal.SIGUSR1)
+        first.wait()  # torchrun (and `timeout`) end at once; the ranks, orphaned, save and exit
+        deadline = time.monotonic() + 120
+        while any(_state(pid) != "Z" for pid in ranks):
+            assert time.monotonic() < deadline, f"ranks still running 120 s after torchrun ended:\n{first.log[-3000:]}"
+            time.sleep(0.05)
+        status = (out / "exit_status").read_text().strip() if (out / "exit_status").is_file() else None
         stopped_at = ledger_steps(out, 0)
-        first_status = (out / "exit_status").read_text().strip() if (out / "exit_status").is_file() else None
         second = launch(PRETRAIN, out, args)
         second.wait(timeout=300)
-        _CACHE[key] = Pair(full=full, first=first, second=second, stopped_at=stopped_at,
-                           first_status=first_status)
+        _CACHE[key] = Pair(full=full, first=first, second=second, stopped_at=stopped_at, how=how,
+                           exit_status=status)
     return _CACHE[key]

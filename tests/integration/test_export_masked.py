@@ -83,5 +83,27 @@ def test_num_labels_needs_encoder_only(base, digits_shards, tmp_path, capsys):
     run = runs.stage_run(base, digits_shards, "mae", 3).out
     assert export(run, tmp_path / "x", "--num-labels", "10") == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --num-labels 10: give a positive count, with --encoder-only (a new classifier on the encoder); "
-        "a classification checkpoint keeps its own classifier")
+        "error: --num-labels 10 needs --encoder-only: it puts a new classifier on the checkpoint's encoder; "
+        "a classification checkpoint keeps its own classifier without it")
+    assert export(run, tmp_path / "y", "--encoder-only", "--num-labels", "0") == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: --num-labels 0: give a positive count of classes"
+
+
+def test_linear_probe_cli_probes_a_run_and_its_encoder_export_alike(base, digits_shards, tmp_path, capsys):
+    """launch/linear_probe.py: a run directory (its own shards) and its --encoder-only export (HF's
+    ViTModel, shards named) hold the same encoder, so they give the same figures."""
+    import linear_probe as probe_cli  # launch/linear_probe.py
+
+    run = runs.stage_run(base, digits_shards, "mae", 3).out
+    assert export(run, tmp_path / "encoder", "--encoder-only") == 0
+    capsys.readouterr()
+    assert probe_cli.main(["--model", str(run)]) == 0
+    from_run = capsys.readouterr().out.strip().splitlines()[-1]
+    assert probe_cli.main(["--model", str(tmp_path / "encoder"), "--shards", str(digits_shards)]) == 0
+    from_export = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "k-NN top-1" in from_run and "linear-probe top-1" in from_run
+    assert from_run.split(": ", 1)[1] == from_export.split(": ", 1)[1], (from_run, from_export)
+    # an HF directory without shards, and unlabeled shards, are refused in one line
+    assert probe_cli.main(["--model", str(tmp_path / "encoder")]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --model {tmp_path / 'encoder'} is an HF directory: give the "
+                                               "shards to probe on with --shards DIR")

@@ -29,14 +29,33 @@ def test_objective_picks_the_task_and_classification_stays_the_default():
 
 
 def test_each_objective_checks_its_model_fields_at_load():
-    # The tiny size keeps HF's encoder_stride 16, which SimMIM's decoder cannot use with 4-pixel patches.
+    # An encoder_stride given apart from the patch size: SimMIM's decoder cannot use 16 with 4-pixel patches.
     with pytest.raises(ConfigError, match=r"model.patch_size 4 must be square and equal to model.encoder_stride "
                                           r"\(16\)"):
-        load_config(None, ["model.size=tiny", "train.objective=simmim"])
+        load_config(None, ["model.size=tiny", "train.objective=simmim", "model.encoder_stride=16"])
     with pytest.raises(ConfigError, match="model.decoder_hidden_size must be a multiple of 4"):
         load_config(None, [*SMALL, "model.decoder_hidden_size=30", "model.decoder_num_attention_heads=3",
                            "train.objective=mae"])
     load_config(None, ["model.size=tiny", "train.objective=mae"])  # HF's MAE defaults fit any width
+
+
+@pytest.mark.parametrize("size, patch, blocks", [("tiny", 4, 8), ("B/16", 16, 32)])
+def test_simmim_defaults_follow_the_patch_and_image(size, patch, blocks):
+    """encoder_stride unset is the patch size (HF's configs pair them); the mask block is SimMIM's
+    32 px where the image holds 2x2 of them, else the largest multiple of the patch that does."""
+    model = load_config(None, [f"model.size={size}", "train.objective=simmim"]).model
+    assert (model.encoder_stride, model.mask_patch_size) == (patch, blocks)
+    assert load_config(None, ["model.size=tiny", "model.image_size=32"]).model.mask_patch_size == 16
+
+
+@pytest.mark.parametrize("image, block", [(32, 32), (16, 16)])
+def test_simmim_refuses_a_mask_block_as_large_as_the_image(image, block):
+    """One block per image masks all of it: simmim_mask's ratio 0.6 came out as 1.0."""
+    with pytest.raises(ConfigError, match=rf"model.mask_patch_size \({block}\) leaves 1 mask block in a "
+                                          rf"{image}x{image} image: SimMIM would mask all of it.*"
+                                          rf"model.mask_patch_size={image // 2}"):
+        load_config(None, ["model.size=tiny", f"model.image_size={image}", f"model.mask_patch_size={block}",
+                           "train.objective=simmim"])
 
 
 @pytest.mark.parametrize("objective", ["mae", "simmim"])
