@@ -16,6 +16,11 @@ that every optimizer state exists, then:
   back cold; ``repeats`` times, medians reported (all values in ``raw_all_s``).
 
 ``save_vs_raw`` = raw write time / save time (1.0: the save runs at the disk's speed).
+
+Then ``checkpoint.async`` (``checkpoint_async.py``), one job per ZeRO stage of ``async_stages``
+(default 2 and 3; empty to skip): the training-visible time of an asynchronous save against a
+synchronous save of the same state, interleaved, and the steps' slowdown during the background
+write (``result["async"]``).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULTS = dict(size="B/16", zero_stage=2, precision="bf16", nproc=2, repeats=3, dir=None)
+DEFAULTS = dict(size="B/16", zero_stage=2, precision="bf16", nproc=2, repeats=3, dir=None, async_stages="2,3")
 BLOCK = 8 << 20
 
 
@@ -54,9 +59,15 @@ def run(args: argparse.Namespace | None = None) -> dict:
             raise RuntimeError(f"checkpoint benchmark failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
         result = json.loads(result_path.read_text())
         result["directory"] = str(parent)
-        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if opts["async_stages"]:
+        from launch.benchmarks import checkpoint_async
+
+        result["async"] = checkpoint_async.run(argparse.Namespace(
+            size=opts["size"], stages=opts["async_stages"], precision=opts["precision"], nproc=opts["nproc"],
+            repeats=opts["repeats"], dir=str(parent)))
+    return result
 
 
 # ------------------------------------------------------------------------------------ in the workers
@@ -217,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=DEFAULTS["precision"])
     parser.add_argument("--nproc", type=int, default=DEFAULTS["nproc"])
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
+    parser.add_argument("--async-stages", dest="async_stages", default=DEFAULTS["async_stages"],
+                        help="ZeRO stages of the checkpoint.async comparison (default 2,3; '' to skip)")
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
