@@ -51,9 +51,11 @@ class HostBuffers:
             for k, v in obj.items():
                 out[k] = self._stage(v, file_name, counter)
             return out
-        if isinstance(obj, list):
+        # Plain lists and tuples only: a subclass (torch.Size in DeepSpeed's param_shapes, whose
+        # .numel() zero_to_fp32 calls; a namedtuple) holds no tensors and is deep-copied as it is.
+        if type(obj) is list:
             return [self._stage(v, file_name, counter) for v in obj]
-        if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        if type(obj) is tuple:
             return tuple(self._stage(v, file_name, counter) for v in obj)
         return copy.deepcopy(obj)
 

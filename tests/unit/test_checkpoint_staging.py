@@ -13,7 +13,7 @@ from pipeline.config import dump_config, load_config
 
 def state(weight: torch.Tensor) -> dict:
     return {"module": OrderedDict(w=weight, b=weight[:2]), "param_groups": [{"lr": 0.1, "params": [0, 1]}],
-            "step": 3, "pair": (weight.sum(), "x")}
+            "step": 3, "pair": (weight.sum(), "x"), "param_shapes": [OrderedDict(w=weight.shape)]}
 
 
 def test_staged_state_is_a_copy_that_training_cannot_change():
@@ -25,6 +25,7 @@ def test_staged_state_is_a_copy_that_training_cannot_change():
     assert torch.equal(staged["module"]["w"], torch.arange(6.0)) and torch.equal(staged["module"]["b"], torch.arange(2.0))
     assert staged["param_groups"] == [{"lr": 0.1, "params": [0, 1]}] and staged["step"] == 3
     assert type(staged["module"]) is OrderedDict and staged["pair"][1] == "x"
+    assert type(staged["param_shapes"][0]["w"]) is torch.Size  # zero_to_fp32 calls .numel() on it
     # a view is staged as a tensor of its own size (what DeepSpeed's clone before torch.save gives)
     assert staged["module"]["b"].untyped_storage().nbytes() == 2 * 4
 
