@@ -11,6 +11,7 @@ checkpoint kept. ``PIPELINE_ASYNC_KILLS`` sets the number of kills (default 5);
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -21,9 +22,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import checkpoint_runs as runs
 from conftest import TINY, shard_overrides
+from pipeline.checkpoint.export import export_checkpoint
 from test_checkpoint_resume import assert_same_training
 from test_faults import assert_checkpoints_sound, complete_steps, finish, start
 
@@ -112,9 +116,24 @@ def test_the_chain_trains_bitwise_what_the_synchronous_run_trains(chain, tmp_pat
     last = chain["last"]
     assert last.returncode == 0, last.log[-3000:]
     assert_same_training(chain["full"], chain["out"], tmp_path)  # losses, ledgers, final weights
-    stalls = [r for r in map(__import__("json").loads, (chain["out"] / "metrics.jsonl").read_text().splitlines())
-              if "checkpoint_stall_s" in r]
+    rows = [json.loads(line) for line in (chain["out"] / "metrics.jsonl").read_text().splitlines()]
+    stalls = [r for r in rows if "checkpoint_stall_s" in r]
     assert stalls and all(r["checkpoint_stall_s"] >= 0 for r in stalls)
+
+
+def test_a_background_checkpoint_holds_what_a_synchronous_one_of_the_same_step_holds(chain, tmp_path):
+    """The same step saved in the background (the chain) and synchronously (the uninterrupted run):
+    the same weights, exported through DeepSpeed's zero_to_fp32 (param_shapes and all)."""
+    stop = int(re.search(r"stopped by SIGUSR1 at step (\d+)", chain["usr1"]["job"].log).group(1))
+    in_background = set(complete_steps(chain["out"])) - {stop, runs.STEPS}  # the others were saved in the background
+    both = in_background & set(complete_steps(chain["full"]))  # the synchronous run keeps 12 and 16
+    # Rarely the stop came at step 12: then the newest background one is exported, against nothing.
+    step = max(both or in_background)
+    runs_ = (chain["full"], chain["out"]) if both else (chain["out"],)
+    weights = [load_file(export_checkpoint(run / "checkpoints" / f"step-{step}", tmp_path / run.name)
+                         / "model.safetensors") for run in runs_]
+    assert weights[0].keys() == weights[-1].keys() and len(weights[-1]) > 4
+    assert all(torch.equal(weights[0][k], weights[-1][k]) for k in weights[0])
 
 
 # Without root no disk can be made to fill up: the background writer's torch.save then gets the
