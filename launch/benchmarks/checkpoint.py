@@ -116,17 +116,14 @@ def _dir_bytes(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def worker(opts: argparse.Namespace) -> None:
+def start_worker(overrides: list[str]):
+    """A benchmark worker's (env, config): the process group joined, the heap kept as the trainer
+    keeps it on CPU."""
     import torch
-    import torch.distributed as dist
 
-    from pipeline import checkpoint
-    from pipeline.tasks import ClassificationTask
     from pipeline.config import load_config
-    from pipeline.distributed.engine import build_engine, init_process_group
+    from pipeline.distributed.engine import init_process_group
     from pipeline.distributed.env import resolve_env
-    from pipeline.model import build_model
-    from pipeline.distributed.precision import engine_dtype
 
     env = resolve_env()
     if not torch.cuda.is_available():
@@ -134,8 +131,21 @@ def worker(opts: argparse.Namespace) -> None:
 
         keep_heap()  # as the trainer does on CPU
     init_process_group(env, timeout_s=1800)
+    return env, load_config(None, overrides)
+
+
+def worker(opts: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+    from pipeline.tasks import ClassificationTask
+    from pipeline.distributed.engine import build_engine
+    from pipeline.model import build_model
+    from pipeline.distributed.precision import engine_dtype
+
     work = Path(opts.dir)
-    cfg = load_config(None, [f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
+    env, cfg = start_worker([f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
                              f"train.precision={opts.precision}", "data.batch_size=1", f"train.output_dir={work}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)

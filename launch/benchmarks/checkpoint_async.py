@@ -69,23 +69,16 @@ def worker(opts: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from launch.benchmarks.checkpoint import start_worker
     from pipeline import checkpoint
-    from pipeline.config import load_config
-    from pipeline.distributed.engine import build_engine, init_process_group
-    from pipeline.distributed.env import resolve_env
+    from pipeline.distributed.engine import build_engine
     from pipeline.distributed.precision import engine_dtype
     from pipeline.model import build_model
 
-    env = resolve_env()
-    if not torch.cuda.is_available():
-        from pipeline.heap import keep_heap
-
-        keep_heap()  # as the trainer does on CPU
-    init_process_group(env, timeout_s=1800)
     work = Path(opts.dir)
-    overrides = [f"model.size={opts.size}", f"train.zero_stage={opts.stages}", f"train.precision={opts.precision}",
-                 f"data.batch_size={opts.batch}", f"train.output_dir={work}"]
-    cfg = load_config(None, overrides)
+    env, cfg = start_worker([f"model.size={opts.size}", f"train.zero_stage={opts.stages}",
+                             f"train.precision={opts.precision}", f"data.batch_size={opts.batch}",
+                             f"train.output_dir={work}"])
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = engine_dtype(cfg.train)
     images = torch.randn(opts.batch, cfg.model.num_channels, *cfg.model.image_hw, dtype=dtype, device=device)

@@ -16,7 +16,6 @@ import os
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import checkpoint_runs as runs
 from conftest import TINY, shard_overrides
 from pipeline.checkpoint.export import export_checkpoint
 from test_checkpoint_resume import assert_same_training
+from test_faults import small_disk  # noqa: F401  (a fixture: the tmpfs of test_faults' full-disk case)
 from test_faults import assert_checkpoints_sound, complete_steps, finish, start
 
 SEED = int(os.environ.get("PIPELINE_FAULT_SEED", time.time_ns() % 2**32))
@@ -153,19 +153,6 @@ background.torch = Torch()
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs that holds about one checkpoint of the tiny model and its logs (root only)."""
-    if os.geteuid() != 0:
-        yield None
-        return
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2600k", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_a_disk_full_during_a_background_write_ends_with_one_line_and_exit_2(small_disk, tmp_path, digits_shards):
