@@ -141,7 +141,10 @@ def worker(opts: argparse.Namespace) -> None:
               "step_slowdown": (round(statistics.median(during) / statistics.median(quiet), 3)
                                 if during and quiet else None)}
     if opts.decoupled:
-        result["deepspeed_decoupled"] = _decoupled(build, train_step, timed, work, opts, quiet)
+        try:
+            result["deepspeed_decoupled"] = _decoupled(build, train_step, timed, work, opts, quiet)
+        except Exception as error:  # 0.19.8 without a model-parallel unit: AttributeError ... 'dp_rank'
+            result["deepspeed_decoupled"] = {"error": f"{type(error).__name__}: {error}"}
     if env.rank == 0:
         result["loadavg_at_end"] = os.getloadavg()
         (work / "result.json").write_text(json.dumps(result, indent=1))
