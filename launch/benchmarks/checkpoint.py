@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
     parser.add_argument("--async-stages", dest="async_stages", default=DEFAULTS["async_stages"],
                         help="ZeRO stages of the checkpoint.async comparison (default 2,3; '' to skip)")
-    args = parser.parse_args(argv)
+    return worker_or_run(parser.parse_args(argv), worker, run)
+
+
+def worker_or_run(args: argparse.Namespace, worker, run) -> int:
+    """``--worker``: one torchrun process's part; else start the jobs and print their figures."""
     if args.worker:
         worker(args)
     else:

@@ -194,12 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="steps timed during each background write")
     parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
     parser.add_argument("--decoupled", action="store_true", help="also time DeepSpeed's decoupled writer")
-    args = parser.parse_args(argv)
-    if args.worker:
-        worker(args)
-    else:
-        print(json.dumps(run(args), indent=1))
-    return 0
+    from launch.benchmarks.checkpoint import worker_or_run
+
+    return worker_or_run(parser.parse_args(argv), worker, run)
 
 
 if __name__ == "__main__":
