@@ -22,7 +22,7 @@ SUITES = {
     "step": "a training step through DeepSpeed ZeRO 0-3 vs plain PyTorch AdamW (overhead %)",
     "roofline": "achieved FLOP/s of the step vs this machine's matmul FLOP/s",
     "memory": "activation checkpointing memory/time; ZeRO 0-3 per-rank state on 2 processes",
-    "checkpoint": "save/load of a ZeRO-2 checkpoint on 2 processes vs raw disk speed",
+    "checkpoint": "save/load of a ZeRO-2 checkpoint on 2 processes vs raw disk speed; checkpoint.async vs sync saves",
     "data": "training-loader images/s per worker vs a decode+crop ceiling",
     "gpu": "images/s and MFU on a CUDA GPU (says so and exits 0 without one)",
 }

@@ -89,6 +89,9 @@ class Trainer:
         self.engine = build_engine(model, cfg, world_size=env.world_size)
         self.train_step = TrainStep(self.engine, self.task, cfg, self.device)
         self.agreement = StepAgreement()
+        # checkpoint.async: a writer thread and its host buffers, or None (synchronous saves)
+        self.background = (checkpoint.plan_background(self.engine, self.env, group=self.agreement.group)
+                           if cfg.checkpoint.async_ else None)
         images_per_rank = cfg.data.batch_size * cfg.train.grad_accum_steps
         self.images_per_step = images_per_rank * env.world_size
         self.flops_per_step = self.task.flops(cfg.model, images_per_rank) * env.world_size
@@ -133,6 +136,8 @@ class Trainer:
             return self._loop(writer, progress)
         finally:
             self.train_loader.close()  # stop the workers before the process group goes away
+            if self.background is not None:
+                self.background.close()  # a failed run: let a background write in flight end
             checkpoint.wait_for_prune()  # the run ends with keep_last checkpoints, not more
             progress.close()
             writer.close()
@@ -185,16 +190,16 @@ class Trainer:
             if self.step == max_steps:
                 break  # a stop signal at the last step: just finish (exit 0)
             if agreed.stop:
-                self.save()  # first: the time between the warning and the kill is short
+                self.save(writer, final=True)  # first: the time between the warning and the kill is short
                 log.warning("stopped by %s at step %d; checkpoint saved, exiting %d", self.stop_flag.signal_name
                             or "a signal on another rank", self.step, agreed.stop_code)
                 return agreed.stop_code  # agreed: a Ctrl-C on one rank makes every rank exit 130
             if evaluates:
                 self.evaluate(writer)
             if saves:
-                self.save()
+                self.save(writer)
         self.evaluate(writer)
-        self.save()
+        self.save(writer, final=True)
         return 0
 
     def _log_train(self, writer, progress: Progress, window: StepWindow, epoch: int) -> None:
@@ -230,7 +235,14 @@ class Trainer:
         log.info("step %d: %s", self.step, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
 
-    def save(self) -> Path:
+    def save(self, writer=None, *, final: bool = False) -> Path:
+        """Save this step; ``final`` (a stop, the end): synchronously, after any background write.
+        The seconds training waited go to the metrics (``checkpoint_stall_s``) and the log."""
+        started = time.perf_counter()
+        background = self.background
+        if background is not None and final:
+            background.wait()  # at most one save in flight; then this one on the disk before exiting
+            background = None
         per_rank = {"loader": self.loader_state, "rng": rng_state()}
         gathered: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(gathered, per_rank, group=self.agreement.group)  # host objects: over gloo
@@ -239,9 +251,17 @@ class Trainer:
         marker = {"world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
                   "precision": self.cfg.train.precision, "config_hash": self.cfg.hash(),
                   "task": self.task.name, "model": dataclasses.asdict(self.cfg.model)}
-        return checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step, client_state=client_state,
-                               marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
-                               resumed_from=self.plan.tag_dir if self.plan is not None else None)
+        tag_dir = checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step, client_state=client_state,
+                                  marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
+                                  resumed_from=self.plan.tag_dir if self.plan is not None else None,
+                                  background=background)
+        stall = time.perf_counter() - started
+        if writer is not None:
+            writer.log({"checkpoint_stall_s": round(stall, 4)}, self.step)
+        if self.env.is_main:
+            log.info("step %d/%d  checkpoint %s %s: training waited %.2f s", self.step, self.cfg.train.max_steps,
+                     tag_dir.name, "staged, writing in the background" if background is not None else "saved", stall)
+        return tag_dir
 
 
 def train(cfg: Config, env: DistributedEnv, stop_flag: StopFlag | None = None, checked: Preflight | None = None) -> int:

@@ -16,6 +16,11 @@ that every optimizer state exists, then:
   back cold; ``repeats`` times, medians reported (all values in ``raw_all_s``).
 
 ``save_vs_raw`` = raw write time / save time (1.0: the save runs at the disk's speed).
+
+Then ``checkpoint.async`` (``checkpoint_async.py``), one job per ZeRO stage of ``async_stages``
+(default 2 and 3; empty to skip): the training-visible time of an asynchronous save against a
+synchronous save of the same state, interleaved, and the steps' slowdown during the background
+write (``result["async"]``).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULTS = dict(size="B/16", zero_stage=2, precision="bf16", nproc=2, repeats=3, dir=None)
+DEFAULTS = dict(size="B/16", zero_stage=2, precision="bf16", nproc=2, repeats=3, dir=None, async_stages="2,3")
 BLOCK = 8 << 20
 
 
@@ -54,9 +59,15 @@ def run(args: argparse.Namespace | None = None) -> dict:
             raise RuntimeError(f"checkpoint benchmark failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
         result = json.loads(result_path.read_text())
         result["directory"] = str(parent)
-        return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if opts["async_stages"]:
+        from launch.benchmarks import checkpoint_async
+
+        result["async"] = checkpoint_async.run(argparse.Namespace(
+            size=opts["size"], stages=opts["async_stages"], precision=opts["precision"], nproc=opts["nproc"],
+            repeats=opts["repeats"], dir=str(parent)))
+    return result
 
 
 # ------------------------------------------------------------------------------------ in the workers
@@ -105,17 +116,14 @@ def _dir_bytes(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
 
 
-def worker(opts: argparse.Namespace) -> None:
+def start_worker(overrides: list[str]):
+    """A benchmark worker's (env, config): the process group joined, the heap kept as the trainer
+    keeps it on CPU."""
     import torch
-    import torch.distributed as dist
 
-    from pipeline import checkpoint
-    from pipeline.tasks import ClassificationTask
     from pipeline.config import load_config
-    from pipeline.distributed.engine import build_engine, init_process_group
+    from pipeline.distributed.engine import init_process_group
     from pipeline.distributed.env import resolve_env
-    from pipeline.model import build_model
-    from pipeline.distributed.precision import engine_dtype
 
     env = resolve_env()
     if not torch.cuda.is_available():
@@ -123,8 +131,21 @@ def worker(opts: argparse.Namespace) -> None:
 
         keep_heap()  # as the trainer does on CPU
     init_process_group(env, timeout_s=1800)
+    return env, load_config(None, overrides)
+
+
+def worker(opts: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+    from pipeline.tasks import ClassificationTask
+    from pipeline.distributed.engine import build_engine
+    from pipeline.model import build_model
+    from pipeline.distributed.precision import engine_dtype
+
     work = Path(opts.dir)
-    cfg = load_config(None, [f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
+    env, cfg = start_worker([f"model.size={opts.size}", f"train.zero_stage={opts.zero_stage}",
                              f"train.precision={opts.precision}", "data.batch_size=1", f"train.output_dir={work}"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -217,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default=DEFAULTS["precision"])
     parser.add_argument("--nproc", type=int, default=DEFAULTS["nproc"])
     parser.add_argument("--repeats", type=int, default=DEFAULTS["repeats"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--async-stages", dest="async_stages", default=DEFAULTS["async_stages"],
+                        help="ZeRO stages of the checkpoint.async comparison (default 2,3; '' to skip)")
+    return worker_or_run(parser.parse_args(argv), worker, run)
+
+
+def worker_or_run(args: argparse.Namespace, worker, run) -> int:
+    """``--worker``: one torchrun process's part; else start the jobs and print their figures."""
     if args.worker:
         worker(args)
     else:

@@ -1,5 +1,8 @@
 """Saving: every rank's shards, then the COMPLETE marker and the ``latest`` pointer; pruning old
-complete checkpoints in the background while training goes on.
+complete checkpoints in the background while training goes on. With a ``BackgroundWriter``
+(``checkpoint.async``), the training thread only stages the state into host memory
+(``staging.py``); the write, fsync, marker, pointer and prune follow in the background
+(``background.py``).
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoint.background import BackgroundWriter
+from pipeline.checkpoint.staging import stage_checkpoint
 from pipeline.checkpoint.store import (checkpoint_root, complete_checkpoints, fsync_tree, is_complete,
                                        point_latest, remove_checkpoint, step_of, universal_dir, write_marker)
 from pipeline.storage import writing
@@ -79,17 +84,21 @@ def _without_crc32():
 
 
 def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, marker_info: dict,
-         keep_last: int, rank: int, resumed_from: Path | None = None, timings: dict | None = None) -> Path:
+         keep_last: int, rank: int, resumed_from: Path | None = None, timings: dict | None = None,
+         background: BackgroundWriter | None = None) -> Path:
     """Every rank writes its shards; only then does rank 0 mark the checkpoint complete.
 
     ``resumed_from``: the checkpoint this run was loaded from; when it is this very step in this
     directory (nothing trained since), it is kept as it is. ``timings``, if given, receives this
-    rank's seconds per phase (write, fsync, commit).
+    rank's seconds per phase (write, fsync, commit; with ``background``: wait, stage).
+    ``background``: save asynchronously through it (a save still in flight is waited for first);
+    without it, a save in flight there must have been waited for by the caller.
     """
     import torch.distributed as dist
 
     root = checkpoint_root(output_dir)
     tag_dir = root / f"step-{step}"
+    waited = background.wait() if background is not None else 0.0  # at most one save in flight
     if resumed_from is not None and is_complete(tag_dir) and resumed_from.resolve() == tag_dir.resolve():
         return tag_dir
     wait_for_prune()  # a prune never runs while a save writes (it may remove incomplete steps)
@@ -105,6 +114,10 @@ def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, 
             remove_checkpoint(tag_dir)
             remove_checkpoint(universal_dir(tag_dir, root))
     dist.barrier()
+    if background is not None:
+        return _save_in_background(engine, background, root=root, tag_dir=tag_dir, step=step,
+                                   client_state=client_state, marker_info=marker_info, keep_last=keep_last,
+                                   timings=timings, waited=waited, started=started)
     clock = [time.perf_counter()]
     with writing(what, tag_dir), _without_crc32():
         engine.save_checkpoint(str(root), tag=tag_dir.name, client_state=client_state, save_latest=False)
@@ -124,4 +137,29 @@ def save(engine: Any, *, output_dir: str | Path, step: int, client_state: dict, 
     if timings is not None:
         timings.update(write=clock[1] - clock[0], fsync=clock[2] - clock[1], commit=clock[3] - clock[2])
     log.info("saved checkpoint %s in %.1f s", tag_dir, clock[-1] - started)
+    return tag_dir
+
+
+def _save_in_background(engine: Any, background: BackgroundWriter, *, root: Path, tag_dir: Path, step: int,
+                        client_state: dict, marker_info: dict, keep_last: int, timings: dict | None,
+                        waited: float, started: float) -> Path:
+    """Stage every rank's state into host memory (DeepSpeed's own save_checkpoint, its barriers
+    included), then hand the files to the background writer; the marker follows once every rank's
+    files are durable."""
+    staged_at = time.perf_counter()
+    with writing(f"checkpoint {tag_dir.name}", tag_dir):  # DeepSpeed makes the directory
+        files = stage_checkpoint(engine, background.buffers, root=root, tag=tag_dir.name, client_state=client_state)
+
+    def commit() -> None:  # rank 0, in the background, once every rank's files are fsynced
+        with writing(f"checkpoint {tag_dir.name}", tag_dir):
+            write_marker(tag_dir, {"step": step, **marker_info})
+            point_latest(root, tag_dir.name)
+        log.info("checkpoint %s complete (written in the background)", tag_dir)
+        prune(root, keep_last=keep_last)
+
+    background.start(files, tag_dir=tag_dir, commit=commit, save_without_crc=_without_crc32)
+    done = time.perf_counter()
+    if timings is not None:
+        timings.update(wait=waited, stage=done - staged_at)
+    log.info("staged checkpoint %s in %.2f s; writing it in the background", tag_dir, done - started)
     return tag_dir

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import keyword
 import types
 import typing
 from pathlib import Path
@@ -75,13 +76,23 @@ def _type_name(annotation: Any) -> str:
     return "null" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
 
 
+def _field_name(key: str) -> str:
+    """A key that is a Python keyword (checkpoint.async) is the field with a trailing underscore."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _key_name(field_name: str) -> str:
+    return field_name[:-1] if keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def _build_section(name: str, cls: type, raw: dict[str, Any]) -> Any:
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {_key_name(f.name) for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown key '{name}.{key}'; known keys of '{name}': {', '.join(sorted(known))}")
-    return cls(**{key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in raw.items()})
+    return cls(**{_field_name(key): _check_type(f"{name}.{key}", value, hints[_field_name(key)])
+                  for key, value in raw.items()})
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -220,4 +231,6 @@ def output_dir_of(path: str | Path | None, overrides: list[str] | None = None) -
 
 def dump_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    raw = {section: {_key_name(k): v for k, v in values.items()} if section != "deepspeed" else values
+           for section, values in config.to_dict().items()}
+    Path(path).write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -190,6 +190,10 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "auto"  # "auto": newest complete checkpoint if any; "none": fresh; or a path
     overwrite: bool = False  # with resume=none, allow starting over an existing run
+    # checkpoint.async: true: a save copies the state into host memory and training goes on while
+    # a background thread writes it; COMPLETE comes once every rank's files are durable. The key is
+    # `async` (a Python keyword: the field takes PEP 8's trailing underscore, loading.py maps it).
+    async_: bool = False
 
     def __post_init__(self) -> None:
         require(self.every_steps >= 0, f"checkpoint.every_steps must be >= 0, got {self.every_steps}")
