@@ -115,7 +115,7 @@ def recompute_first_loss(source: Path, out: Path, keys: list[str]) -> float:
                        map_location="cpu", weights_only=False)  # our own file: the loader state of rank 0
     loader = build_train_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
                                 seed=cfg.train.seed, rank=0, world_size=1)
-    loader.set_state(state["ranks"][0]["loader"])
+    loader.set_state([r["loader"] for r in state["ranks"]])
     batch = next(iter(loader))
     loader.close()
     assert list(batch["key"]) == keys

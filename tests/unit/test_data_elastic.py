@@ -180,3 +180,23 @@ def test_real_loader_resumed_twice_in_one_epoch_with_bad_samples(tmp_path):
     assert len(trained) == len(set(trained)) and len(rest) == len(set(rest)) and not set(rest) & set(trained)
     bad = {"s2-004", "s4-001"}
     assert len(all_keys() - bad - set(trained) - set(rest)) < 8 + len(bad)
+
+
+def test_keep_global_batch_sets_accumulation_or_refuses_in_one_line(caplog):
+    from pipeline.config import Config, ConfigError, DataConfig
+    from pipeline.preflight import resume_global_batch
+
+    marker = {"world_size": 2, "global_batch": 64}
+    cfg = Config(data=DataConfig(batch_size=16, keep_global_batch=True))
+    with caplog.at_level(logging.WARNING, logger="pipeline.preflight"):
+        resume_global_batch(cfg, marker, world_size=1)
+    assert cfg.train.grad_accum_steps == 4 and "train.grad_accum_steps 1 -> 4 keeps the global batch at 64" in caplog.text
+    with pytest.raises(ConfigError, match=r"global batch 64 is not a multiple of data.batch_size 16 x 3 ranks"):
+        resume_global_batch(cfg, marker, world_size=3)
+    with pytest.raises(ConfigError, match="does not record its global batch"):
+        resume_global_batch(cfg, {"world_size": 2}, world_size=1)
+    off = Config(data=DataConfig(batch_size=16))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.preflight"):
+        resume_global_batch(off, marker, world_size=3)
+    assert off.train.grad_accum_steps == 1 and "the global batch changes from 64 to 48 (2 -> 3 ranks" in caplog.text
