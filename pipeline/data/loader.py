@@ -224,8 +224,9 @@ class TrainLoader:
         self.consumed = list(state.get("consumed") or
                              [lay.slot_batches_before(s, self.batches) * lay.batch_size for s in range(lay.num_slots)])
         self.history = tuple(Phase.from_dict(p) for p in state.get("history", ()))
-        if self.history:  # this epoch was resumed on another layout before: the same re-cut again
-            self.stream.resumed = Continuation(lay, self.epoch, self.history).rank_cut(self.stream.rank)
+        # An epoch resumed on another layout before: the same re-cut again.
+        self.stream.resumed = (Continuation(lay, self.epoch, self.history).rank_cut(self.stream.rank)
+                               if self.history else None)
 
     def _resume_elsewhere(self, states: list[dict], changed: dict) -> None:
         """Another layout: the interrupted epoch's unconsumed samples, re-cut over this one."""

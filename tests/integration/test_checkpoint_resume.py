@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,9 @@ def test_a_run_stopped_mid_epoch_goes_on_with_that_epoch_on_1_and_on_3_ranks(bas
         rest = (samples - trained) // global_batch
         max_steps = stop + rest + samples // global_batch
         out = base / f"stopped-zero2-on-{nproc}"
+        if nproc == 3:  # the 1-rank run's universal form of the same checkpoint serves (made once per checkpoint)
+            shutil.copytree(base / "stopped-zero2-on-1" / "checkpoints" / f"step-{stop}_universal",
+                            out / "checkpoints" / f"step-{stop}_universal")
         job = runs.run(nproc, out, [*runs.elastic_common(digits_shards, 2), f"data.batch_size={batch}",
                                     f"train.max_steps={max_steps}", f"checkpoint.resume={source}/checkpoints/step-{stop}"])
         assert job.returncode == 0, job.log[-3000:]
@@ -111,6 +115,7 @@ def test_a_run_stopped_mid_epoch_goes_on_with_that_epoch_on_1_and_on_3_ranks(bas
         assert f"re-cut over {nproc} ranks x 1 workers: {rest} steps of {global_batch}, {left_out} left out" in job.log
         if global_batch != 32:
             assert f"the global batch changes from 32 to {global_batch} (2 -> {nproc} ranks" in job.log
+        assert ("converted" in job.log) == (nproc == 1)
         rows = runs.train_rows(out)
         assert sorted(rows) == list(range(stop + 1, max_steps + 1))  # the step count goes on
         assert [rows[s]["epoch"] for s in (stop + 1, stop + rest, stop + rest + 1, max_steps)] == [0, 0, 1, 1]
