@@ -77,7 +77,7 @@ def resume_global_batch(cfg: Config, marker: dict, *, world_size: int, report: b
     saved = marker.get("global_batch")
     accum = cfg.train.grad_accum_steps
     ours = cfg.data.batch_size * accum * world_size
-    if cfg.data.keep_global_batch:
+    if cfg.data.keep_global_batch and (saved is not None or marker.get("world_size") != world_size):
         if saved is None:
             raise ConfigError("data.keep_global_batch=true, but the checkpoint does not record its global batch "
                               "(saved by an older version); set train.grad_accum_steps yourself and "

@@ -195,6 +195,8 @@ def test_keep_global_batch_sets_accumulation_or_refuses_in_one_line(caplog):
         resume_global_batch(cfg, marker, world_size=3)
     with pytest.raises(ConfigError, match="does not record its global batch"):
         resume_global_batch(cfg, {"world_size": 2}, world_size=1)
+    resume_global_batch(cfg, {"world_size": 1}, world_size=1)  # an older checkpoint, the same world size: as it is
+    assert cfg.train.grad_accum_steps == 4
     off = Config(data=DataConfig(batch_size=16))
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.preflight"):
