@@ -8,7 +8,10 @@ always the one-line error with exit 2: checked later, one rank's refusal became 
   warning when it holds less than two checkpoints (``checkpoint_bytes``);
 - ``checkpoint.resume``: the path exists and holds a complete checkpoint that this model, ZeRO
   stage and world size can load (checkpoint.py's own checks, run early);
-- the shards: every local shard exists and every shard's sample count is known (sources.py).
+- the shards: every local shard exists and every shard's sample count is known (sources.py);
+- a resume on another world size: the global batch the checkpoint trained with, kept by
+  adjusting ``train.grad_accum_steps`` where ``data.keep_global_batch`` asks for it
+  (``resume_global_batch``; the one place a resume changes the config, before it is written out).
 
 The trainer takes the result (the resume plan, the resolved shards); built without one (tests),
 it runs ``preflight`` itself.
@@ -26,7 +29,8 @@ import torch
 from torch import nn
 
 from pipeline import checkpoint
-from pipeline.config import Config, ModelConfig
+from pipeline.config import Config, ConfigError, ModelConfig
+from pipeline.data.elastic import keep_global_batch_accum
 from pipeline.data.remote import IoOptions
 from pipeline.data.sources import Shard, resolve_shards
 from pipeline.distributed.env import DistributedEnv
@@ -55,6 +59,8 @@ def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...]
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
                                   world_size=env.world_size, zero_stage=cfg.train.zero_stage,
                                   shape_fields=shape_fields, objective=cfg.train.objective)
+    if plan is not None:
+        resume_global_batch(cfg, plan.marker, world_size=env.world_size, report=env.is_main)
     io = IoOptions.from_config(cfg.data)  # remote shards: HEAD-checked here, before the process group
     train = resolve_shards(cfg.data.train_shards, cfg.data.manifest, what="data.train_shards", io=io)
     val = resolve_shards(cfg.data.val_shards, cfg.data.manifest, what="data.val_shards", io=io) \
@@ -64,6 +70,34 @@ def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...]
     if env.is_main:
         warn_if_low_space(output_dir, size)
     return Preflight(resume=plan, train_shards=train, val_shards=val, checkpoint_bytes=size)
+
+
+def resume_global_batch(cfg: Config, marker: dict, *, world_size: int, report: bool = True) -> None:
+    """The checkpoint's global batch against this run's. With ``data.keep_global_batch``, set
+    ``train.grad_accum_steps`` to keep it, or refuse in one line where it cannot be kept; without,
+    say what changed. Either way the LR schedule goes on counting optimizer steps."""
+    saved = marker.get("global_batch")
+    accum = cfg.train.grad_accum_steps
+    ours = cfg.data.batch_size * accum * world_size
+    if cfg.data.keep_global_batch and (saved is not None or marker.get("world_size") != world_size):
+        if saved is None:
+            raise ConfigError("data.keep_global_batch=true, but the checkpoint does not record its global batch "
+                              "(saved by an older version); set train.grad_accum_steps yourself and "
+                              "data.keep_global_batch=false")
+        kept = keep_global_batch_accum(int(saved), batch_size=cfg.data.batch_size, world_size=world_size)
+        if kept is None:
+            raise ConfigError(f"data.keep_global_batch=true: the checkpoint's global batch {saved} is not a multiple "
+                              f"of data.batch_size {cfg.data.batch_size} x {world_size} ranks; resume on a world size "
+                              f"that divides it, change data.batch_size, or set data.keep_global_batch=false")
+        if kept != accum and report:
+            log.warning("data.keep_global_batch: train.grad_accum_steps %d -> %d keeps the global batch at %d on %d "
+                        "ranks (was %d ranks)", accum, kept, saved, world_size, marker.get("world_size"))
+        cfg.train.grad_accum_steps = kept
+    elif saved is not None and int(saved) != ours and report:
+        log.warning("the global batch changes from %d to %d (%d -> %d ranks x data.batch_size %d x "
+                    "train.grad_accum_steps %d); the LR schedule goes on counting optimizer steps from the "
+                    "checkpoint's step. data.keep_global_batch=true keeps the global batch instead", int(saved), ours,
+                    marker.get("world_size"), world_size, cfg.data.batch_size, accum)
 
 
 def count_parameters(build_model: Callable[[ModelConfig], nn.Module], model_cfg: ModelConfig) -> int:

@@ -115,12 +115,11 @@ class Trainer:
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.data_skipped = int(state.get("data_skipped", 0))
         ranks = state["ranks"]
-        mine = ranks[self.env.rank] if len(ranks) == self.env.world_size else None
-        if mine is not None:
-            self.train_loader.set_state(mine["loader"])
-            set_rng_state(mine["rng"])
-        else:  # another world size: the loader restarts at the next epoch and says what it skipped
-            self.train_loader.set_state(ranks[0]["loader"])
+        # Every rank's loader state: on another layout the loader re-cuts the rest of the epoch.
+        self.train_loader.set_state([r["loader"] for r in ranks])
+        if len(ranks) == self.env.world_size:
+            set_rng_state(ranks[self.env.rank]["rng"])
+        else:
             seed_everything(self.cfg.train.seed * 100003 + self.env.rank + self.step)
         self.loader_state = self.train_loader.state_dict()
         log.info("resumed from %s at step %d", plan.tag_dir, self.step)
@@ -250,7 +249,8 @@ class Trainer:
                         "data_skipped": self.data_skipped, "config_hash": self.cfg.hash()}
         marker = {"world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
                   "precision": self.cfg.train.precision, "config_hash": self.cfg.hash(),
-                  "task": self.task.name, "model": dataclasses.asdict(self.cfg.model)}
+                  "task": self.task.name, "model": dataclasses.asdict(self.cfg.model),
+                  "global_batch": self.images_per_step}  # data.keep_global_batch reads it on a resume
         tag_dir = checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step, client_state=client_state,
                                   marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
                                   resumed_from=self.plan.tag_dir if self.plan is not None else None,

@@ -33,6 +33,9 @@ class DataConfig:
     batch_size: int = 32  # per-rank micro-batch
     num_workers: int = 2
     ledger: bool = False  # write <output_dir>/ledger/rank<R>.jsonl: the sample keys of every step
+    # On a resume on another world size: set train.grad_accum_steps so that the global batch stays
+    # the checkpoint's (refused where data.batch_size x world size does not divide it).
+    keep_global_batch: bool = False
     manifest: str | None = None  # manifest.json path/URL when it does not sit beside the shards
     shuffle_buffer: int = 1000  # samples held by each worker's seeded shuffle buffer
     augment: str = "rrc"  # "rrc": RandomResizedCrop; "shift": resize + random shift; "none": resize only

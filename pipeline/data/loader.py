@@ -10,8 +10,10 @@ The training stream is a pure function of (seed, epoch, world size, workers); se
 Workers ship uint8 batches; the trainer normalizes them on its device (``device_feed.py``).
 The DataLoader hands worker batches out round-robin and in order, so the loader's state is
 just (epoch, batches consumed by this rank) plus, per slot, how many items it consumed (equal to
-batches x batch size unless bad samples were skipped). Iterating a TrainLoader is infinite:
-epochs follow each other without a pause; ``batch["epoch"]`` says where one begins.
+batches x batch size unless bad samples were skipped). Gathered over the ranks (a checkpoint
+holds every rank's), these states say exactly which samples of the epoch were trained, so a
+resume on another layout continues the epoch (``elastic.py``). Iterating a TrainLoader is
+infinite: epochs follow each other without a pause; ``batch["epoch"]`` says where one begins.
 """
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ from pipeline.config import DataConfig
 
 from .batch_ring import DATALOADER_PREFETCH, BatchRing
 from .errors import DataError, StoreUnavailable
-from .partition import TrainLayout, mix_seed
-from .repeats import RepeatReader, slot_picks
+from .elastic import Continuation, Phase, RankCut, shuffle_seed
+from .partition import Segment, TrainLayout, mix_seed
 from .remote import IoOptions
+from .repeats import RepeatReader, slot_picks
 from .sources import Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, Refill, SkipBad, SliceReader, TrainBatches, replayed_positions,
                      seeded_shuffle)
@@ -65,13 +68,18 @@ def _next(iterator: Iterator[dict]) -> dict:
 
 
 class TrainStream(IterableDataset):
-    """One rank's infinite training stream, starting at (epoch, batches, consumed per slot)."""
+    """One rank's infinite training stream, starting at (epoch, batches, consumed per slot).
+
+    ``resumed``: after an elastic resume, what this rank reads of the rest of its first epoch
+    (``elastic.RankCut``); every other epoch is read whole, on ``layout``.
+    """
 
     def __init__(self, shards: list[Shard], layout: TrainLayout, rank: int, decoding: _Decoding,
                  shuffle_buffer: int):
         self.urls = [s.source for s in shards]  # a path/URL, or a remote.RemoteShard
         self.layout, self.rank, self.decoding, self.shuffle_buffer = layout, rank, decoding, shuffle_buffer
         self.start_epoch, self.start_batches, self.start_consumed = 0, 0, [0] * layout.num_slots
+        self.resumed: RankCut | None = None
         self.ring: BatchRing | None = None
 
     @property
@@ -85,19 +93,40 @@ class TrainStream(IterableDataset):
         stream.ring = ring
         return stream
 
+    def steps_in(self, epoch: int) -> int:
+        """The rank's batches in ``epoch`` (fewer in an epoch resumed on another layout)."""
+        if self.resumed is not None and epoch == self.resumed.epoch:
+            return self.resumed.steps
+        return self.layout.steps_per_epoch
+
+    def normalized(self, epoch: int, index: int) -> tuple[int, int]:
+        """(epoch, batch index) of the rank's ``index``-th batch counted from the start of ``epoch``."""
+        while index >= (steps := self.steps_in(epoch)):
+            epoch, index = epoch + 1, index - steps
+        return epoch, index
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        steps, slots = self.layout.steps_per_epoch, self.layout.num_slots
+        slots = self.layout.num_slots
         # Worker w serves the rank's batches start+w, start+w+K, ... (DataLoader round-robin).
-        position = self.start_epoch * steps + self.start_batches + worker
+        epoch, index = self.start_epoch, self.start_batches + worker
         while True:
-            epoch, index = divmod(position, steps)
+            epoch, index = self.normalized(epoch, index)
             slot = index % slots
             consumed = self.start_consumed[slot] if epoch == self.start_epoch else 0
             for batch in self.slice_batches(epoch, slot, index // slots, consumed, worker):
                 yield batch
-                position += slots
+                index += slots
+
+    def slot_plan(self, epoch: int, slot: int) -> tuple[list[Segment], int, int]:
+        """(segments, shuffle seed, batches) of the slot's slice in ``epoch``."""
+        if self.resumed is not None and epoch == self.resumed.epoch:
+            cut = self.resumed
+            return list(cut.segments[slot]), cut.seeds[slot], cut.slot_batches(slot)
+        layout = self.layout
+        return (layout.slot_segments(epoch, self.rank, slot), shuffle_seed(layout.seed, epoch, self.rank, slot, 0),
+                layout.slot_batches(slot))
 
     def slice_batches(self, epoch: int, slot: int, first_batch: int, consumed: int, worker: int = 0
                       ) -> Iterator[dict]:
@@ -105,14 +134,14 @@ class TrainStream(IterableDataset):
         layout, where = self.layout, f"rank {self.rank} slot {slot} epoch {epoch}"
         if layout.aug_repeats > 1:  # copies of each sample across ranks (repeats.py); one shuffle for all ranks
             segments, first, picks = slot_picks(layout, epoch, self.rank, slot)
-            length, shuffle_seed = len(picks), mix_seed(layout.seed, epoch, slot, "shuffle-repeats")
-            replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
+            length, seed, batches = len(picks), mix_seed(layout.seed, epoch, slot, "shuffle-repeats"), \
+                layout.slot_batches(slot)
+            replayed = replayed_positions(length, consumed, self.shuffle_buffer, seed)
             reader = RepeatReader(self.urls, layout.shard_offsets, segments, first, picks, replayed)
         else:
-            segments = layout.slot_segments(epoch, self.rank, slot)
+            segments, seed, batches = self.slot_plan(epoch, slot)
             length = sum(len(s) for s in segments)
-            shuffle_seed = mix_seed(layout.seed, epoch, self.rank, slot, "shuffle")
-            replayed = replayed_positions(length, consumed, self.shuffle_buffer, shuffle_seed)
+            replayed = replayed_positions(length, consumed, self.shuffle_buffer, seed)
             reader = SliceReader(self.urls, layout.shard_offsets, segments, replayed)
         decode = DecodeSample(self.decoding.transform, self.decoding.num_channels, seed=layout.seed, epoch=epoch,
                               labels=self.decoding.labels)
@@ -120,7 +149,7 @@ class TrainStream(IterableDataset):
             # raw samples of the slice, one item per position; consumed ones are header-only placeholders
             reader,
             # seeded shuffle buffer per (seed, epoch, rank, slot); undecoded bytes, so skipping stays cheap
-            seeded_shuffle(self.shuffle_buffer, shuffle_seed),
+            seeded_shuffle(self.shuffle_buffer, seed),
             # number the items 1..length; drop those a resumed run already consumed (all placeholders)
             DropConsumed(min(consumed, length)),
             # decode + augment (seeded per sample); bad samples are skipped, counted and logged
@@ -128,7 +157,7 @@ class TrainStream(IterableDataset):
             # only pulled when bad samples left the slice short: repeat good samples (logged)
             Refill(reader, decode, length, consumed, where, layout.counts),
             # exactly the slot's remaining batches, collated in the worker (uint8; normalized on the device)
-            TrainBatches(layout.batch_size, layout.slot_batches(slot) - first_batch, length=length, epoch=epoch,
+            TrainBatches(layout.batch_size, batches - first_batch, length=length, epoch=epoch,
                          first_index=first_batch * layout.num_slots + slot, stride=layout.num_slots,
                          slot=slot, consumed=consumed, where=where, ring=self.ring, worker=worker,
                          labels=self.decoding.labels != "none", take_bad_counts=decode.take_bad_counts),
@@ -139,7 +168,8 @@ class TrainLoader:
     """Infinite iterator of training batches for one rank, with a small resumable state.
 
     ``state_dict()`` describes the batches handed out so far; ``set_state()`` (before iterating)
-    continues exactly on the same layout, or at the next epoch boundary on a different one.
+    continues exactly on the same layout, or, given every rank's state, the interrupted epoch's
+    unconsumed samples re-cut over a different one.
     A new ``iter()`` continues from the state and stops the workers of the previous one.
     """
 
@@ -150,7 +180,9 @@ class TrainLoader:
         self.epoch, self.batches, self.consumed = 0, 0, [0] * self.layout.num_slots
         self.bad, self.seen = 0, 0
         self.bad_shards: dict[str, int] = {}  # shard url -> bad samples, for the refusal's message
-        self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a layout change
+        self.skipped_on_resume = 0  # samples of an interrupted epoch not seen after a change of shards or seed
+        self.history: tuple[Phase, ...] = ()  # the phases of this epoch read on earlier layouts (elastic.py)
+        self.resume_report: dict = {}  # what a resume on another layout found (elastic.py), for logs and tests
         self.reused_buffer_batches = 0  # batches that came through a reused shared buffer (BatchRing)
         self._iterator = None  # the live DataLoader iterator (one per iter(); workers run while it lives)
 
@@ -162,22 +194,29 @@ class TrainLoader:
         lay = self.layout
         return {"epoch": self.epoch, "batches": self.batches, "world_size": lay.world_size,
                 "num_workers": self.num_workers, "batch_size": lay.batch_size, "num_samples": lay.num_samples,
-                "seed": lay.seed, "consumed": list(self.consumed), "bad": self.bad, "seen": self.seen,
+                "seed": lay.seed, "shuffle_buffer": self.stream.shuffle_buffer, "consumed": list(self.consumed),
+                "history": [phase.to_dict() for phase in self.history], "bad": self.bad, "seen": self.seen,
                 "bad_shards": dict(self.bad_shards),
                 **({"aug_repeats": lay.aug_repeats} if lay.aug_repeats > 1 else {})}
 
-    def set_state(self, state: dict) -> None:
-        lay = self.layout
-        self.bad, self.seen = int(state.get("bad", 0)), int(state.get("seen", 0))
-        self.bad_shards = {str(url): int(n) for url, n in state.get("bad_shards", {}).items()}
-        epoch, batches = int(state["epoch"]), int(state["batches"])
-        same = {"world_size": lay.world_size, "num_workers": self.num_workers, "batch_size": lay.batch_size,
-                "num_samples": lay.num_samples, "seed": lay.seed}
-        saved = {**state, "num_workers": state.get("num_workers", self.num_workers)}
-        if max(1, int(saved["num_workers"])) == lay.num_slots:  # 0 and 1 workers: the same stream
-            saved["num_workers"] = self.num_workers
-        changed = {k: (saved.get(k), v) for k, v in same.items() if saved.get(k) != v}
-        repeats = int(state.get("aug_repeats", 1))
+    def _layout_of(self, state: dict) -> dict:
+        """The fields of a state that fix the stream's order (0 and 1 workers: the same stream)."""
+        return {"world_size": int(state["world_size"]),
+                "num_workers": max(1, int(state.get("num_workers", self.num_workers))),
+                "batch_size": int(state["batch_size"]), "num_samples": int(state["num_samples"]),
+                "seed": int(state["seed"]), "shuffle_buffer": int(state.get("shuffle_buffer", self.stream.shuffle_buffer))}
+
+    def set_state(self, state: dict | list[dict]) -> None:
+        """Continue from a checkpoint's loader state (before iterating): this rank's own state, on
+        the same layout; or every rank's (the list a checkpoint holds), from any layout. Another
+        world size, worker count, batch size or shuffle buffer continues the interrupted epoch
+        where it stopped, re-cut over this layout (``elastic.py``); other shards or another seed
+        start the next epoch."""
+        states = state if isinstance(state, list) else [state]
+        ours = self._layout_of(self.state_dict())
+        saved = self._layout_of(states[0])
+        changed = {k: (saved[k], v) for k, v in ours.items() if saved[k] != v}
+        repeats, lay = int(states[0].get("aug_repeats", 1)), self.layout
         if (changed or repeats != lay.aug_repeats) and max(repeats, lay.aug_repeats) > 1:
             changed.update({"aug_repeats": (repeats, lay.aug_repeats)} if repeats != lay.aug_repeats else {})
             what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
@@ -185,21 +224,90 @@ class TrainLoader:
                             "augmentation cannot continue its cycle on another one; resume with the same world size, "
                             "data.num_workers, data.batch_size and data.aug_repeats")
         if not changed:
-            self.epoch, self.batches = epoch, batches
-            self.consumed = list(state.get("consumed") or
-                                 [lay.slot_batches_before(s, batches) * lay.batch_size for s in range(lay.num_slots)])
+            self._continue(states[self.stream.rank] if len(states) == saved["world_size"] else states[0])
+        elif {"num_samples", "seed"} & set(changed):
+            self._next_epoch(states[0], changed)
+        else:
+            if len(states) != saved["world_size"]:
+                raise ValueError(f"resuming on another layout ({changed}) needs every rank's loader state: "
+                                 f"got {len(states)} of {saved['world_size']}")
+            self._resume_elsewhere(states, changed)
+
+    def _continue(self, state: dict) -> None:
+        """The same layout: exactly where this rank stopped."""
+        lay = self.layout
+        self._take_counters([state])
+        self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
+        self.consumed = list(state.get("consumed") or
+                             [lay.slot_batches_before(s, self.batches) * lay.batch_size for s in range(lay.num_slots)])
+        self.history = tuple(Phase.from_dict(p) for p in state.get("history", ()))
+        # An epoch resumed on another layout before: the same re-cut again.
+        self.stream.resumed = (Continuation(lay, self.epoch, self.history).rank_cut(self.stream.rank)
+                               if self.history else None)
+
+    def _resume_elsewhere(self, states: list[dict], changed: dict) -> None:
+        """Another layout: the interrupted epoch's unconsumed samples, re-cut over this one."""
+        lay, first = self.layout, states[0]
+        epoch, batches = int(first["epoch"]), int(first["batches"])
+        if any((int(s["epoch"]), int(s["batches"])) != (epoch, batches) for s in states):
+            raise ValueError("the ranks' loader states disagree on (epoch, batches); the checkpoint is inconsistent")
+        saved = self._layout_of(first)
+        old = TrainLayout((saved["num_samples"],), saved["batch_size"], saved["world_size"], saved["num_workers"],
+                          saved["seed"])
+        consumed = tuple(tuple(int(n) for n in (s.get("consumed") or
+                                                [old.slot_batches_before(k, batches) * old.batch_size
+                                                 for k in range(old.num_slots)])) for s in states)
+        history = tuple(Phase.from_dict(p) for p in first.get("history", ()))
+        if any(any(c) for c in consumed):
+            history += (Phase(saved["world_size"], saved["num_workers"], saved["batch_size"],
+                              saved["shuffle_buffer"], consumed),)
+        self._take_counters(states)
+        self.epoch, self.batches, self.consumed = epoch, 0, [0] * lay.num_slots
+        self.history, self.stream.resumed = history, None
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        if not history:
+            self.resume_report = {"epoch": epoch, "trained_before": 0}
+            log.info("data: %s since the checkpoint; epoch %d starts on the new layout", what, epoch)
             return
-        # A different layout cannot continue the interrupted epoch's order: start the next epoch.
+        rest = Continuation(lay, epoch, history)
+        cut = self.stream.resumed = rest.rank_cut(self.stream.rank)
+        left_out = len(rest.left) - cut.steps * lay.global_batch
+        self.resume_report = {"epoch": epoch, "trained_before": rest.consumed_before, "left": len(rest.left),
+                              "steps": cut.steps, "left_out": left_out}
+        if self.stream.rank == 0:
+            log.warning("data: %s since the checkpoint; epoch %d goes on where it stopped: %d of its %d samples were "
+                        "trained (found by replaying the old layout's shuffle buffers, nothing decoded), the other "
+                        "%d are re-cut over %d ranks x %d workers: %d steps of %d, %d left out (fewer than one "
+                        "global batch)", what, epoch, rest.consumed_before, lay.num_samples, len(rest.left),
+                        lay.world_size, lay.num_slots, cut.steps, lay.global_batch, left_out)
+        if cut.steps == 0:
+            self.epoch, self.history = epoch + 1, ()
+
+    def _next_epoch(self, state: dict, changed: dict) -> None:
+        """Other shards or another seed: the interrupted epoch's order means nothing here."""
+        lay = self.layout
+        self._take_counters([state])
+        epoch, batches = int(state["epoch"]), int(state["batches"])
         self.skipped_on_resume = 0
-        if batches > 0:  # every rank consumed `batches` batches of the old global batch size
-            old_global_batch = int(state.get("batch_size", lay.batch_size)) * int(state.get("world_size", 1))
-            self.skipped_on_resume = int(state.get("num_samples", lay.num_samples)) - batches * old_global_batch
+        if batches > 0 or state.get("history"):
+            self.skipped_on_resume = int(state["num_samples"]) - batches * int(state["batch_size"]) * int(
+                state["world_size"]) - sum(sum(map(sum, p["consumed"])) for p in state.get("history", ()))
             epoch += 1
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
-        skipped = (f"skipping {self.skipped_on_resume} samples of the interrupted epoch {epoch - 1}" if batches
-                   else "no samples skipped")
+        skipped = (f"skipping {self.skipped_on_resume} samples of the interrupted epoch {epoch - 1}"
+                   if self.skipped_on_resume else "no samples skipped")
         log.warning("data: %s since the checkpoint; resuming at the start of epoch %d, %s", what, epoch, skipped)
-        self.epoch, self.batches, self.consumed = epoch, 0, [0] * lay.num_slots
+        self.epoch, self.batches, self.consumed, self.history = epoch, 0, [0] * lay.num_slots, ()
+
+    def _take_counters(self, states: list[dict]) -> None:
+        """Bad-sample counters: a rank's own, or the old ranks' totals shared out (the same fraction)."""
+        share = len(states) if len(states) > 1 else 1
+        self.bad = sum(int(s.get("bad", 0)) for s in states) // share
+        self.seen = sum(int(s.get("seen", 0)) for s in states) // share
+        self.bad_shards = {}
+        for s in states:
+            for url, n in s.get("bad_shards", {}).items():
+                self.bad_shards[str(url)] = self.bad_shards.get(str(url), 0) + int(n)
 
     def __iter__(self) -> Iterator[dict]:
         """Batches with private uint8 images (safe to keep); see ``host_batches`` for the trainer's form."""
@@ -221,7 +329,7 @@ class TrainLoader:
                             prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,
                             worker_init_fn=init_worker,
                             multiprocessing_context=worker_context(self.num_workers))
-        expected = self.epoch * lay.steps_per_epoch + self.batches
+        expected = self.stream.normalized(self.epoch, self.batches)
         iterator = self._iterator = iter(loader)
         try:
             while True:
@@ -230,10 +338,10 @@ class TrainLoader:
                 if rng is not None:  # decoding in this process reseeds per sample: give the trainer its RNG back
                     torch.set_rng_state(rng)
                 slot, consumed = batch.pop("slot"), batch.pop("consumed")
-                if batch["epoch"] * lay.steps_per_epoch + batch["index"] != expected:
+                if (batch["epoch"], batch["index"]) != expected:
                     raise RuntimeError(f"loader order broke: got batch {batch['index']} of epoch {batch['epoch']}, "
-                                       f"expected global batch {expected}")
-                expected += 1
+                                       f"expected batch {expected[1]} of epoch {expected[0]}")
+                expected = self.stream.normalized(expected[0], expected[1] + 1)
                 self._account(batch, slot, consumed)
                 batch["state"] = self.state_dict()
                 if "label" in batch:
@@ -263,8 +371,8 @@ class TrainLoader:
         lay = self.layout
         self.consumed[slot] = consumed
         self.epoch, self.batches = batch["epoch"], batch["index"] + 1
-        if self.batches == lay.steps_per_epoch:
-            self.epoch, self.batches, self.consumed = self.epoch + 1, 0, [0] * lay.num_slots
+        if self.batches == self.stream.steps_in(self.epoch):  # the next epoch is read whole, on this layout
+            self.epoch, self.batches, self.consumed, self.history = self.epoch + 1, 0, [0] * lay.num_slots, ()
         self.bad += batch["skipped"]
         self.seen += batch["skipped"] + lay.batch_size
         for url, count in batch.pop("bad_shards", {}).items():  # since this process started

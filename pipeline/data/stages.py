@@ -64,12 +64,40 @@ class SliceReader:
         self.urls, self.offsets, self.segments, self.replayed = urls, offsets, segments, replayed
 
     def __call__(self) -> Iterator[dict]:
-        base = 0  # position of the segment's first sample inside the slice
-        for seg in self.segments:
-            skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
-            yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
-                                  first_id=self.offsets[seg.shard])
-            base += len(seg)
+        base = 0  # position of the run's first sample inside the slice
+        for run in _shard_runs(self.segments):
+            if len(run) == 1:  # the common case: a segment to itself
+                seg = run[0]
+                skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
+                yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
+                                      first_id=self.offsets[seg.shard])
+                base += len(seg)
+                continue
+            # Pieces of one shard with gaps between them (the rest of an epoch after an elastic
+            # resume): one pass over the shard; the gaps are read as placeholders and dropped.
+            wanted, skip = set(), set()
+            for seg in run:
+                for p in range(seg.start, seg.stop):
+                    wanted.add(p)
+                    if base in self.replayed:
+                        skip.add(p)
+                    base += 1
+            first, last = run[0].start, run[-1].stop
+            skip.update(p for p in range(first, last) if p not in wanted)
+            items = read_range(self.urls[run[0].shard], first, last, skip=skip, first_id=self.offsets[run[0].shard])
+            yield from (item for p, item in zip(range(first, last), items) if p in wanted)
+
+
+def _shard_runs(segments: list[Segment]) -> Iterator[list[Segment]]:
+    """Consecutive segments grouped while they read one shard forwards."""
+    run: list[Segment] = []
+    for seg in segments:
+        if run and (seg.shard != run[-1].shard or seg.start < run[-1].stop):
+            yield run
+            run = []
+        run.append(seg)
+    if run:
+        yield run
 
 
 class Refill:

@@ -250,6 +250,39 @@ def killed_pair(base: Path, shards: Path, stage: int = 3) -> Pair:
     return _CACHE[key]
 
 
+def without(overrides: list[str], *keys: str) -> list[str]:
+    """``overrides`` less those of ``keys`` (to give them again with another value)."""
+    return [o for o in overrides if o.split("=", 1)[0] not in keys]
+
+
+ELASTIC_SHARDS = 3  # the elastic runs train on the first 3 train shards: 600 samples, 18 steps per epoch on 2 ranks
+
+
+def elastic_common(shards: Path, stage: int) -> list[str]:
+    """``common`` on a smaller training set (short epochs: a resumed run goes through the rest of
+    the interrupted epoch and a whole next one in a few dozen steps), saving only at the end."""
+    train = ",".join(str(shards / f"train-{i:06d}.tar") for i in range(ELASTIC_SHARDS))
+    return [*without(common(shards, stage), "data.train_shards", "checkpoint.every_steps"),
+            f"data.train_shards=[{train}]", "checkpoint.every_steps=0"]
+
+
+def stopped_run(base: Path, shards: Path, stage: int = 2) -> tuple[Path, int]:
+    """A 2-rank run (``elastic_common``) stopped in its first epoch by SIGUSR1, Slurm's warning
+    before a preemption: its output directory and the step of its stop checkpoint."""
+    key = f"stopped-{stage}"
+    if key not in _CACHE:
+        out = base / f"stopped-zero{stage}"
+        job = launch(2, out, [*elastic_common(shards, stage), "train.max_steps=100"])
+        wait_until(lambda: ledger_steps(out, 0) >= 3 and ledger_steps(out, 1) >= 3, job, "step 3")
+        for pid in job.worker_pids():
+            os.kill(pid, signal.SIGUSR1)
+        job.wait()  # torchrun itself exits 1 when its workers exit 75; rank 0 leaves the code here
+        assert (out / "exit_status").read_text().strip() == "75", job.log[-3000:]
+        (tag,) = [p for p in (out / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+        _CACHE[key] = out, int(tag.name[5:])
+    return _CACHE[key]
+
+
 def short_run(base: Path, shards: Path, stage: int) -> Path:
     """Two steps at ZeRO-0, or ZeRO-1 started over (resume=none, overwrite=true) in a copy of the
     finished ZeRO-2 run: a checkpoint per stage for the export tests, and a test of starting over."""

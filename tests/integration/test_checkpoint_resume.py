@@ -1,10 +1,12 @@
 """Exact resume (2 ranks, ZeRO-2 and ZeRO-3, fp32, bitwise) after a preemption signal and after a
-SIGKILL, a save killed half-way, and a change of world size 2 -> 1 -> 2 through DeepSpeed's
-universal checkpoints. Real torchrun jobs, shared with the other checkpoint tests (checkpoint_runs)."""
+SIGKILL, a save killed half-way; and elastic resume: a run stopped mid-epoch goes on with that
+epoch on 1 and on 3 ranks, and 2 -> 1 -> 2 ranks inside one epoch, through DeepSpeed's
+universal checkpoints, every sample of the interrupted epoch trained once (the ledgers). Real torchrun jobs, shared with the other checkpoint tests (checkpoint_runs)."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -63,11 +65,72 @@ def test_zero3_resume_after_sigkill_and_a_killed_save_is_bitwise_exact(base, dig
     assert_same_training(pair.full, pair.interrupted, tmp_path)
 
 
-@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3 fp32: the optimizer's master is the weights' partition
-def test_world_size_change_2_1_2_goes_through_universal_checkpoints(base, digits_shards, stage):
-    source = runs.uninterrupted(base, digits_shards, stage)  # 2 ranks, ended at step STEPS
+def keys_by_epoch(parts: list[tuple[Path, int, int]]) -> dict[int, list[str]]:
+    """The keys every rank trained, per epoch, over runs given as (output dir, first step, last step):
+    the ledgers say which keys each step took, the metrics rows in which epoch."""
+    found: dict[int, list[str]] = {}
+    for out, first, last in parts:
+        rows = runs.train_rows(out)
+        for path in sorted((out / "ledger").glob("rank*.jsonl")):
+            for line in map(json.loads, path.read_text().splitlines()):
+                if first <= line["step"] <= last:
+                    found.setdefault(rows[line["step"]]["epoch"], []).extend(line["keys"])
+    return found
+
+
+def train_samples(shards: Path, count: int | None = None) -> int:
+    """Samples in the first ``count`` train shards (all of them by default), from the manifest."""
+    train = [s for s in json.loads((shards / "manifest.json").read_text())["shards"] if s["split"] == "train"]
+    return sum(s["num_samples"] for s in train[:count])
+
+
+def assert_exactly_once(epochs: dict[int, list[str]], samples: int, left_out: int, last_global_batch: int) -> None:
+    """Epoch 0 (interrupted, resumed elsewhere): every sample once but the logged few left out at
+    its end; epoch 1: complete, as any epoch."""
+    assert sorted(epochs) == [0, 1]
+    assert len(epochs[0]) == len(set(epochs[0])) == samples - left_out and left_out < last_global_batch
+    assert len(epochs[1]) == len(set(epochs[1])) == samples - samples % last_global_batch
+
+
+def test_a_run_stopped_mid_epoch_goes_on_with_that_epoch_on_1_and_on_3_ranks(base, digits_shards):
+    """ZeRO-2: stopped by SIGUSR1 on 2 ranks; resumed (universal checkpoint) on 1 rank with twice the
+    micro-batch (the same global batch) and on 3 ranks (global batch 32 -> 48), each to the end of
+    the following epoch. The ledgers show the interrupted epoch's samples exactly once."""
+    source, stop = runs.stopped_run(base, digits_shards, stage=2)
+    samples, trained = train_samples(digits_shards, runs.ELASTIC_SHARDS), stop * 32
+    assert 3 <= stop < samples // 32  # stopped inside epoch 0
+    for nproc, batch in ((1, 32), (3, 16)):
+        global_batch = nproc * batch
+        rest = (samples - trained) // global_batch
+        max_steps = stop + rest + samples // global_batch
+        out = base / f"stopped-zero2-on-{nproc}"
+        if nproc == 3:  # the 1-rank run's universal form of the same checkpoint serves (made once per checkpoint)
+            shutil.copytree(base / "stopped-zero2-on-1" / "checkpoints" / f"step-{stop}_universal",
+                            out / "checkpoints" / f"step-{stop}_universal")
+        job = runs.run(nproc, out, [*runs.elastic_common(digits_shards, 2), f"data.batch_size={batch}",
+                                    f"train.max_steps={max_steps}", f"checkpoint.resume={source}/checkpoints/step-{stop}"])
+        assert job.returncode == 0, job.log[-3000:]
+        left_out = samples - trained - rest * global_batch
+        assert (f"epoch 0 goes on where it stopped: {trained} of its {samples} samples were trained") in job.log
+        assert f"re-cut over {nproc} ranks x 1 workers: {rest} steps of {global_batch}, {left_out} left out" in job.log
+        if global_batch != 32:
+            assert f"the global batch changes from 32 to {global_batch} (2 -> {nproc} ranks" in job.log
+        assert ("converted" in job.log) == (nproc == 1)
+        rows = runs.train_rows(out)
+        assert sorted(rows) == list(range(stop + 1, max_steps + 1))  # the step count goes on
+        assert [rows[s]["epoch"] for s in (stop + 1, stop + rest, stop + rest + 1, max_steps)] == [0, 0, 1, 1]
+        assert_exactly_once(keys_by_epoch([(source, 1, stop), (out, stop + 1, max_steps)]), samples, left_out,
+                            global_batch)
+
+
+def test_world_size_change_2_1_2_inside_one_epoch(base, digits_shards):
+    """ZeRO-3: 2 ranks -> 1 rank (4 steps) -> 2 ranks (4 steps), all inside epoch 0: the second
+    resume replays both earlier layouts, and no sample comes twice; DeepSpeed's universal
+    checkpoints carry the weights (ZeRO-3 fp32: the optimizer's master is the weights' partition)."""
+    stage = 3
+    source = runs.uninterrupted(base, digits_shards, stage)  # 2 ranks, ended at step STEPS, mid-epoch 0
     out = base / f"resized-zero{stage}"
-    steps, more = runs.STEPS, 4
+    steps, more, samples = runs.STEPS, 4, train_samples(digits_shards)
     one = runs.run(1, out, [*runs.common(digits_shards, stage), f"train.max_steps={steps + more}",
                             f"checkpoint.resume={source}/checkpoints/step-{steps}"])  # resume=PATH of another run
     assert one.returncode == 0, one.log[-3000:]
@@ -75,27 +138,25 @@ def test_world_size_change_2_1_2_goes_through_universal_checkpoints(base, digits
     two = runs.run(2, out, [*runs.common(digits_shards, stage), f"train.max_steps={steps + 2 * more}"])
     assert two.returncode == 0, two.log[-3000:]
 
-    manifest = json.loads((digits_shards / "manifest.json").read_text())
-    samples = manifest["splits"]["train"]["num_samples"]
-    batch = 16  # TINY's data.batch_size
-    # (job, old world size, new, steps done in the interrupted epoch, that epoch, checkpoint resumed)
-    for job, old, new, done, epoch, tag in ((one, 2, 1, steps, 0, steps), (two, 1, 2, more, 1, steps + more)):
+    # (job, old world size, new, checkpoint resumed, samples of epoch 0 trained before it)
+    for job, old, new, tag, before in ((one, 2, 1, steps, steps * 32), (two, 1, 2, steps + more, steps * 32 + more * 16)):
         assert f"on a different world size ({old} -> {new}): converting through DeepSpeed's universal" in job.log
         assert re.search(rf"converted \S*/step-{tag} to DeepSpeed's "
                          rf"universal format in [\d.]+ s: {out}/checkpoints/step-\d+_universal", job.log)
-        skipped = samples - done * batch * old  # what the interrupted epoch had left on the old layout
-        assert (f"world_size {old} -> {new} since the checkpoint; resuming at the start of epoch {epoch + 1}, "
-                f"skipping {skipped} samples of the interrupted epoch {epoch}") in job.log
+        assert (f"world_size {old} -> {new} since the checkpoint; epoch 0 goes on where it stopped: {before} of its "
+                f"{samples} samples were trained") in job.log
     rows = runs.train_rows(out)
     assert sorted(rows) == list(range(steps + 1, steps + 2 * more + 1))  # the step count continues
-    assert {rows[s]["epoch"] for s in range(steps + 1, steps + more + 1)} == {1}
-    assert {rows[s]["epoch"] for s in range(steps + more + 1, steps + 2 * more + 1)} == {2}
+    assert {rows[s]["epoch"] for s in rows} == {0}
     assert [line["step"] for line in runs.ledger_lines(out, 0)] == list(range(steps + 1, steps + 2 * more + 1))
     assert [line["step"] for line in runs.ledger_lines(out, 1)] == list(range(steps + more + 1, steps + 2 * more + 1))
+    epochs = keys_by_epoch([(source, 1, steps), (out, steps + 1, steps + 2 * more)])
+    assert sorted(epochs) == [0]
+    assert len(epochs[0]) == len(set(epochs[0])) == (steps + more) * 32 + more * 16  # no sample twice
     assert not (source / "checkpoints" / f"step-{steps}_universal").exists()  # nothing written into the source run
 
-    # The 1-rank run's first step, recomputed here from the source's weights and the data stream
-    # restarted at epoch 1: the universal checkpoint carried the weights over exactly.
+    # The 1-rank run's first step, recomputed here from the source's weights and the rest of epoch 0
+    # re-cut for 1 rank: the universal checkpoint carried the weights over exactly.
     first_keys = runs.ledger_lines(out, 0)[0]["keys"]
     assert rows[steps + 1]["loss"] == pytest.approx(recompute_first_loss(source, out, first_keys), abs=1e-5)
 
@@ -115,7 +176,7 @@ def recompute_first_loss(source: Path, out: Path, keys: list[str]) -> float:
                        map_location="cpu", weights_only=False)  # our own file: the loader state of rank 0
     loader = build_train_loader(cfg.data, image_size=cfg.model.image_hw, num_channels=cfg.model.num_channels,
                                 seed=cfg.train.seed, rank=0, world_size=1)
-    loader.set_state(state["ranks"][0]["loader"])
+    loader.set_state([r["loader"] for r in state["ranks"]])
     batch = next(iter(loader))
     loader.close()
     assert list(batch["key"]) == keys
