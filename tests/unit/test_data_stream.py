@@ -246,6 +246,7 @@ def test_workers_come_from_a_fork_server_that_ignores_stop_signals(tmp_path):
     can hang in the child); their server, like them, leaves SIGTERM and SIGUSR1 to the trainer."""
     import os
     import signal
+    import time
     from multiprocessing import forkserver
 
     loader = build(data_cfg(write_tiny_shards(tmp_path)))
@@ -256,9 +257,14 @@ def test_workers_come_from_a_fork_server_that_ignores_stop_signals(tmp_path):
         assert server is not None and server != os.getpid()
         for worker in loader._iterator._workers:
             assert int(_status(worker.pid)["PPid"]) == server
+        stops = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGUSR1 - 1))
         for pid in (server, *(w.pid for w in loader._iterator._workers)):
-            ignored = int(_status(pid)["SigIgn"], 16)
-            assert ignored & (1 << (signal.SIGTERM - 1)) and ignored & (1 << (signal.SIGUSR1 - 1)), pid
+            # a worker other than the one that made the first batch may still be starting (its
+            # init_worker not yet run): wait for it, a bounded while, rather than read it early
+            deadline = time.monotonic() + 30
+            while int(_status(pid)["SigIgn"], 16) & stops != stops and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert int(_status(pid)["SigIgn"], 16) & stops == stops, (pid, _status(pid)["SigIgn"])
     finally:
         loader.close()
 
