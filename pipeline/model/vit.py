@@ -297,8 +297,9 @@ class ViTLayer(nn.Module):
 
 def drop_path_rates(rate: float, num_layers: int) -> list[float]:
     """Stochastic depth rising linearly from 0 (first layer) to ``rate`` (last), as timm and DeiT
-    space it (``torch.linspace``, so the rates are timm's to the bit)."""
-    return [float(r) for r in torch.linspace(0, rate, num_layers)]
+    space it (``torch.linspace``, so the rates are timm's to the bit). On the CPU whatever the default
+    device: a model built on the meta device (to count its parameters) needs the numbers too."""
+    return [float(r) for r in torch.linspace(0, rate, num_layers, device="cpu")]
 
 
 class ViTEncoder(nn.Module):

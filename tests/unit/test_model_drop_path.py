@@ -87,3 +87,9 @@ def test_activation_checkpointing_recomputes_the_same_drop_path_masks():
     (loss_a, grads_a), (loss_b, grads_b) = results
     assert torch.equal(loss_a, loss_b)
     assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
+
+def test_a_model_with_drop_path_builds_on_the_meta_device():
+    with torch.device("meta"):  # how preflight counts parameters
+        model = build_model(dataclasses.replace(TINY, drop_path_rate=0.1))
+    assert model.vit.encoder.layer[-1].drop_path.p == pytest.approx(0.1)
