@@ -13,6 +13,11 @@ same rounds: ``cost_vs_classification`` = a step's median / classification's med
 contender (plain, or ZeRO stage), for the whole step and for its forward+backward alone
 (``fwd_bwd_s``; ``optimizer_s`` is the rest). ``--clock cpu`` times this process's CPU time
 instead of wall time: on a machine with more runnable threads than cores, with one thread.
+
+``--layer-decay X`` adds, per ZeRO stage, the classification step (fine-tuning's) with ``optim.layer_decay=X`` (MAE's
+layer-wise LR decay: 2 x (layers + 2) parameter groups instead of 2, so ZeRO flattens, reduces
+and steps many smaller buffers, DeepSpeed #2125) in the same rounds: ``vs_without_layer_decay`` =
+its median / the stage's median without (goal: <= 1.05).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ OBJECTIVES = ("classification", "mae", "simmim")
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True,
-                overrides=[])
+                overrides=[], layer_decay=None)
+LAYER_DECAY_GOAL = 1.05
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overrides", nargs="+", metavar="KEY=VALUE",
                         help="config overrides for every step, as the trainer takes them (e.g. a smaller "
                              "MAE decoder: model.decoder_hidden_size=64)")
+    parser.add_argument("--layer-decay", dest="layer_decay", type=float,
+                        help="also time every ZeRO stage with optim.layer_decay=X, side by side (goal <= 1.05x)")
 
 
 def contender_name(objective: str, step: str) -> str:
@@ -61,10 +69,10 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
     clock = CLOCKS[opts["clock"]]
     contenders = {}
     for objective in opts["objectives"]:
-        def config(stage: int = 0):
+        def config(stage: int = 0, extra: tuple[str, ...] = ()):
             return training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
                                                image_size=opts["image_size"], zero_stage=stage, objective=objective,
-                                               extra=list(opts["overrides"]))
+                                               extra=[*opts["overrides"], *extra])
 
         images, labels = training_steps.synthetic_batch(config())
         if opts["plain"]:
@@ -75,6 +83,12 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
             step, _ = training_steps.engine_step(config(stage), training_steps.build_seeded_model(config(stage)),
                                                  images, labels, clock=clock)
             contenders[contender_name(objective, f"zero{stage}")] = (objective, f"zero{stage}", step)
+            if opts["layer_decay"] is not None and objective == "classification":  # fine-tuning's objective
+                decayed = config(stage, (f"optim.layer_decay={opts['layer_decay']}",))
+                step, _ = training_steps.engine_step(decayed, training_steps.build_seeded_model(decayed), images,
+                                                     labels, clock=clock)
+                kind = f"zero{stage}_layer_decay"
+                contenders[contender_name(objective, kind)] = (objective, kind, step)
     return contenders
 
 
@@ -105,6 +119,9 @@ def run_precision(opts: dict, precision: str) -> dict:
     for name, s in stats.items():
         plain = stats.get(contender_name(s["objective"], "plain_adamw"))
         s["overhead_pct"] = round(100 * (s["median_s"] / plain["median_s"] - 1), 1) if plain else None
+        if s["step"].endswith("_layer_decay"):
+            without = stats[contender_name(s["objective"], s["step"].removesuffix("_layer_decay"))]
+            s["vs_without_layer_decay"] = round(s["median_s"] / without["median_s"], 3)
         reference = stats.get(s["step"])  # classification's contender of the same kind
         if s["objective"] != "classification" and reference:
             s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
@@ -137,11 +154,17 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "overhead_%": s["overhead_pct"],
                                    "vs_classification": s.get("cost_vs_classification"),
                                    "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
+                                   "vs_without_layer_decay": s.get("vs_without_layer_decay"),
                                    "first_loss": s["first_loss"]})
     overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
                  if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,  # None: no plain step timed
                          "goal_overhead_le_10pct_met": max(overheads) <= 10.0 if overheads else None}
+    decay_costs = [s["vs_without_layer_decay"] for p in result["precisions"].values() for s in p.values()
+                   if "vs_without_layer_decay" in s]
+    if decay_costs:
+        result["summary"]["max_layer_decay_cost_x"] = max(decay_costs)
+        result["summary"][f"goal_layer_decay_le_{LAYER_DECAY_GOAL}x_met"] = max(decay_costs) <= LAYER_DECAY_GOAL
     for precision, stats in result["precisions"].items():
         for name, s in stats.items():
             if "cost_vs_classification" in s:
