@@ -8,8 +8,7 @@ import torch
 
 from pipeline.config import ConfigError, load_config
 from pipeline.model import build_model
-from pipeline.optim import (WarmupCosine, apply_current_schedule, build_optimizer, build_scheduler, param_groups,
-                            resolve_schedule)
+from pipeline.optim import WarmupCosine, build_optimizer, build_scheduler, param_groups, resolve_schedule
 
 DEPTH = 4  # the tiny size's layers
 
@@ -120,7 +119,7 @@ def test_without_layer_decay_the_two_groups_of_today():
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3]
 
 
-def test_scales_survive_the_schedule_and_a_resume():
+def test_scales_survive_the_schedule():
     cfg = cfg_of("optim.layer_decay=0.5", "optim.lr=1e-3", "optim.warmup_steps=3").optim
     model = build_model(cfg_of().model)
     opt = build_optimizer(model, cfg)
@@ -131,12 +130,6 @@ def test_scales_survive_the_schedule_and_a_resume():
                                                                       for g in opt.param_groups])
         opt.step()
         sched.step()
-    saved = sched.state_dict()
-    resumed_opt = build_optimizer(model, cfg)
-    resumed = build_scheduler(resumed_opt, cfg, total_steps=10)
-    resumed.load_state_dict(saved)
-    apply_current_schedule(resumed, cfg)
-    assert [g["lr"] for g in resumed_opt.param_groups] == [g["lr"] for g in opt.param_groups]
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
