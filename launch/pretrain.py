@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(error, status_path)
     setup_logging(env.rank)
     if args.check:
+        try:
+            cfg = resolved_schedule(cfg, env.world_size)  # the steps and lr the run would use
+        except UserError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return error.exit_code
         dump_config(cfg, "/dev/stdout")
         return 0
     set_torch_threads(num_workers=cfg.data.num_workers, local_world_size=env.local_world_size)
@@ -125,6 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                 write_exit_status(status_path, code)
             destroy_process_group(clean=code in (0, EXIT_PREEMPTED, EXIT_INTERRUPTED))
     return code
+
+
+def resolved_schedule(cfg, world_size: int):
+    """``--check``'s view of train.epochs / optim.blr: steps and lr, counting the shards only when
+    the length depends on them (the trainer does the same from its preflight's counts)."""
+    from pipeline.data.sources import resolve_shards
+    from pipeline.optim import resolve_schedule, schedule_needs_samples
+
+    samples = None
+    if schedule_needs_samples(cfg):
+        samples = sum(s.num_samples for s in resolve_shards(cfg.data.train_shards, cfg.data.manifest))
+    return resolve_schedule(cfg, world_size=world_size, num_samples=samples)
 
 
 def _first_rank() -> bool:

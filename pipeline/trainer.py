@@ -33,7 +33,7 @@ from pipeline.evaluation import evaluate
 from pipeline.heap import keep_heap
 from pipeline.init_from import starting_weights
 from pipeline.metrics import Progress, build_metrics_writer, device_peak_flops
-from pipeline.optim import apply_current_schedule
+from pipeline.optim import apply_current_schedule, resolve_schedule
 from pipeline.preemption import StopFlag
 from pipeline.preflight import Preflight, preflight
 from pipeline.probe import build_probe
@@ -66,6 +66,9 @@ class Trainer:
         checked = self.checked or preflight(cfg, env, shape_fields=self.task.shape_fields,
                                             build_model=self.task.build_model)
         self.plan = checked.resume
+        # Epochs to steps and blr to lr, from the shards' counts: config.yaml records what the run uses.
+        self.cfg = cfg = resolve_schedule(cfg, world_size=env.world_size,
+                                          num_samples=sum(shard.num_samples for shard in checked.train_shards))
         if env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.output_dir / "config.yaml")

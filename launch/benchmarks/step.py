@@ -13,6 +13,11 @@ same rounds: ``cost_vs_classification`` = a step's median / classification's med
 contender (plain, or ZeRO stage), for the whole step and for its forward+backward alone
 (``fwd_bwd_s``; ``optimizer_s`` is the rest). ``--clock cpu`` times this process's CPU time
 instead of wall time: on a machine with more runnable threads than cores, with one thread.
+
+``--layer-decay X`` adds, per ZeRO stage, the classification step (fine-tuning's) with ``optim.layer_decay=X`` (MAE's
+layer-wise LR decay: 2 x (layers + 2) parameter groups instead of 2, so ZeRO flattens, reduces
+and steps many smaller buffers, DeepSpeed #2125) in the same rounds: ``vs_without_layer_decay`` =
+its median / the stage's median without (goal: <= 1.05).
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ OBJECTIVES = ("classification", "mae", "simmim")
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True,
-                overrides=[], augment=[])
+                overrides=[], augment=[], layer_decay=None)
+LAYER_DECAY_GOAL = 1.05
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time each ZeRO stage with these overrides added (e.g. data.mixup=0.8 "
                              "data.cutmix=1.0 data.reprob=0.25), as zero<N>_augmented, in the same rounds; "
                              "vs_unaugmented = its median / zero<N>'s")
+    parser.add_argument("--layer-decay", dest="layer_decay", type=float,
+                        help="also time every ZeRO stage with optim.layer_decay=X, side by side (goal <= 1.05x)")
 
 
 def contender_name(objective: str, step: str) -> str:
@@ -65,10 +73,10 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
     clock = CLOCKS[opts["clock"]]
     contenders = {}
     for objective in opts["objectives"]:
-        def config(stage: int = 0, augment: tuple = ()):
+        def config(stage: int = 0, extra: tuple[str, ...] = ()):
             return training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
                                                image_size=opts["image_size"], zero_stage=stage, objective=objective,
-                                               extra=[*opts["overrides"], *augment])
+                                               extra=[*opts["overrides"], *extra])
 
         images, labels = training_steps.synthetic_batch(config())
         if opts["plain"]:
@@ -84,6 +92,12 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
                 step, _ = training_steps.engine_step(augmented, training_steps.build_seeded_model(augmented),
                                                      images, labels, clock=clock)
                 contenders[contender_name(objective, f"zero{stage}_augmented")] = (objective, f"zero{stage}", step)
+            if opts["layer_decay"] is not None and objective == "classification":  # fine-tuning's objective
+                decayed = config(stage, (f"optim.layer_decay={opts['layer_decay']}",))
+                step, _ = training_steps.engine_step(decayed, training_steps.build_seeded_model(decayed), images,
+                                                     labels, clock=clock)
+                kind = f"zero{stage}_layer_decay"
+                contenders[contender_name(objective, kind)] = (objective, kind, step)
     return contenders
 
 
@@ -116,7 +130,9 @@ def run_precision(opts: dict, precision: str) -> dict:
         s["overhead_pct"] = round(100 * (s["median_s"] / plain["median_s"] - 1), 1) if plain else None
         if name.endswith("_augmented"):
             s["vs_unaugmented"] = round(s["median_s"] / stats[name[:-len("_augmented")]]["median_s"], 4)
-            continue
+        if s["step"].endswith("_layer_decay"):
+            without = stats[contender_name(s["objective"], s["step"].removesuffix("_layer_decay"))]
+            s["vs_without_layer_decay"] = round(s["median_s"] / without["median_s"], 3)
         reference = stats.get(s["step"])  # classification's contender of the same kind
         if s["objective"] != "classification" and reference:
             s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
@@ -149,11 +165,17 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "overhead_%": s["overhead_pct"],
                                    "vs_classification": s.get("cost_vs_classification"),
                                    "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
+                                   "vs_without_layer_decay": s.get("vs_without_layer_decay"),
                                    "first_loss": s["first_loss"], "vs_unaugmented": s.get("vs_unaugmented")})
     overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
                  if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,  # None: no plain step timed
                          "goal_overhead_le_10pct_met": max(overheads) <= 10.0 if overheads else None}
+    decay_costs = [s["vs_without_layer_decay"] for p in result["precisions"].values() for s in p.values()
+                   if "vs_without_layer_decay" in s]
+    if decay_costs:
+        result["summary"]["max_layer_decay_cost_x"] = max(decay_costs)
+        result["summary"][f"goal_layer_decay_le_{LAYER_DECAY_GOAL}x_met"] = max(decay_costs) <= LAYER_DECAY_GOAL
     for precision, stats in result["precisions"].items():
         for name, s in stats.items():
             if "cost_vs_classification" in s:

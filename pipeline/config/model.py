@@ -47,6 +47,10 @@ class ModelConfig:
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.0
     attention_probs_dropout_prob: float = 0.0
+    # Stochastic depth (timm's and DeiT's drop_path_rate): each residual branch of layer i is dropped
+    # per sample with probability drop_path_rate * i / (layers - 1) in training. No parameters, so
+    # checkpoints and HF exports do not change; HF's ViTConfig has no such field.
+    drop_path_rate: float = 0.0
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     image_size: int | list[int] | None = None  # an int, or [height, width]
@@ -96,7 +100,7 @@ class ModelConfig:
                 f"model.intermediate_size must be positive, got {self.intermediate_size}")
         require(self.hidden_act in HIDDEN_ACTS,
                 f"model.hidden_act '{self.hidden_act}' is unknown; allowed: {', '.join(HIDDEN_ACTS)}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"model.{name} must be in [0, 1), got {value}")
         require(self.layer_norm_eps > 0, f"model.layer_norm_eps must be positive, got {self.layer_norm_eps}")

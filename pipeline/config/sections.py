@@ -121,7 +121,8 @@ class DataConfig:
 class OptimConfig:
     """AdamW with linear warmup then cosine decay."""
 
-    lr: float = 1e-3
+    # The peak LR. Unset (null), it is 1e-3, or blr x global batch / blr_batch when optim.blr is set.
+    lr: float | None = None
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -129,18 +130,38 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # "cosine" or "constant" (after warmup)
     grad_clip: float = 1.0  # 0 disables clipping
+    # MAE's layer-wise LR decay (its --layer_decay; 0.65 for B/16 fine-tuning, 0.75 for L/16): the LR of
+    # encoder layer i is scaled by layer_decay ** (layers - i), the embeddings' by layer_decay ** (layers + 1),
+    # the final norm and head keep the LR. null: off (one LR for all).
+    layer_decay: float | None = None
+    # The base LR of MAE and DeiT (--blr): lr = blr x global batch / blr_batch, global batch =
+    # data.batch_size x train.grad_accum_steps x world size. blr_batch: 256 for MAE, 512 for DeiT.
+    blr: float | None = None
+    blr_batch: int = 256
+    # Warmup in epochs (MAE's --warmup_epochs), converted to steps like train.epochs; instead of warmup_steps.
+    warmup_epochs: float | None = None
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
-        require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        require(self.lr is None or self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        require(self.blr is None or self.blr > 0, f"optim.blr must be positive (or null: off), got {self.blr}")
+        require(self.blr_batch > 0, f"optim.blr_batch must be positive, got {self.blr_batch}")
+        if self.lr is None and self.blr is None:
+            self.lr = 1e-3
+        if self.lr is not None:  # with blr alone, the LR (and this check) waits for the world size
+            require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        require(self.min_lr >= 0, f"optim.min_lr must be >= 0, got {self.min_lr}")
         require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"optim.betas must be two numbers in [0, 1), got {self.betas}")
         require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self.warmup_epochs is None or self.warmup_epochs >= 0,
+                f"optim.warmup_epochs must be >= 0 (or null), got {self.warmup_epochs}")
         require(self.schedule in ("cosine", "constant"),
                 f"optim.schedule '{self.schedule}' is unknown; use 'cosine' or 'constant'")
         require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-
+        require(self.layer_decay is None or 0 < self.layer_decay <= 1,
+                f"optim.layer_decay must be in (0, 1] (MAE uses 0.65-0.75), or null to turn it off; "
+                f"got {self.layer_decay}")
 
 
 @dataclass
@@ -152,7 +173,11 @@ class TrainConfig:
     # A pretrained encoder to start from (fine-tuning): a run directory or checkpoints/step-N of any
     # objective, or an HF directory. Only the encoder's weights are loaded; heads start fresh.
     init_from: str | None = None
-    max_steps: int = 1000
+    # The run's length: max_steps optimizer steps, or epochs over data.train_shards (DeiT's and MAE's
+    # --epochs), converted to steps from the manifest's counts, the world size and the batch. One of
+    # the two; unset, 1000 steps. The resolved run's config.yaml holds both, in agreement.
+    max_steps: int | None = None
+    epochs: int | None = None
     seed: int = 0
     zero_stage: int = 2
     precision: str = "bf16"
@@ -165,7 +190,10 @@ class TrainConfig:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        require(self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
+        require(self.epochs is None or self.epochs > 0, f"train.epochs must be positive (or null), got {self.epochs}")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 1000
+        require(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
         require(self.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         require(self.precision in PRECISIONS,

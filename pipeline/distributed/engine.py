@@ -18,7 +18,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.distributed.env import DistributedEnv
 from pipeline.distributed.precision import deepspeed_precision, uses_autocast
 from pipeline.distributed.zero3_master import shared_fp32_master
-from pipeline.optim import build_optimizer, build_scheduler, param_groups
+from pipeline.optim import build_optimizer, build_scheduler, optimizer_groups
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) 
 
     if "optimizer" in ds_config:
         # A native DeepSpeed optimizer (e.g. for ZeRO-Offload's CPUAdam): give it our groups.
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model, cfg.optim),
                                           lr_scheduler=scheduler, config=ds_config)
     else:
         engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.optim),
@@ -163,7 +163,10 @@ def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) 
 
 
 def build_engine(model: torch.nn.Module, cfg: Config, *, world_size: int) -> Any:
-    """Wrap ``model`` in a DeepSpeed engine with our AdamW and LR schedule."""
+    """Wrap ``model`` in a DeepSpeed engine with our AdamW and LR schedule. ``cfg`` has its run
+    length and LR resolved (``optim.resolve_schedule``: epochs to steps, blr to lr)."""
+    if cfg.train.max_steps is None or cfg.optim.lr is None:
+        raise ValueError("build_engine needs a resolved schedule; call pipeline.optim.resolve_schedule first")
     ds_config = build_deepspeed_config(cfg, world_size)
     with shared_fp32_master():  # ZeRO-3 with fp32 weights: no second fp32 copy of them
         engine = _initialize(model, cfg, ds_config)

@@ -189,8 +189,9 @@ class ViTMAEModel(nn.Module):
 # --- decoder --------------------------------------------------------------------------------
 
 def decoder_config(config: ModelConfig) -> ModelConfig:
-    """The encoder's config with the decoder's width, depth, heads and MLP size (as HF builds it)."""
-    return dataclasses.replace(config, hidden_size=config.decoder_hidden_size,
+    """The encoder's config with the decoder's width, depth, heads and MLP size (as HF builds it).
+    MAE's decoder has no stochastic depth: model.drop_path_rate is the encoder's."""
+    return dataclasses.replace(config, drop_path_rate=0.0, hidden_size=config.decoder_hidden_size,
                                num_hidden_layers=config.decoder_num_hidden_layers,
                                num_attention_heads=config.decoder_num_attention_heads,
                                intermediate_size=config.decoder_intermediate_size)

@@ -237,35 +237,69 @@ class ViTIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))  # (batch, tokens, intermediate)
 
 
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016) per sample, as timm's ``DropPath`` and
+    ``torchvision.ops.stochastic_depth(mode="row")``: in training, each sample's residual branch
+    is zeroed with probability ``p`` and the kept ones scaled by 1 / (1 - p), so the expectation
+    is the branch itself. No parameters: the state dict stays HF's."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, branch: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return branch  # the very tensor: at rate 0 a run is bitwise what it was without
+        keep = 1.0 - self.p
+        # (batch, 1, 1): one draw per sample, in the branch's dtype, from torch's global generator
+        # (what activation checkpointing's recompute restores, and what checkpoints save).
+        noise = torch.empty((branch.shape[0],) + (1,) * (branch.ndim - 1), dtype=branch.dtype, device=branch.device)
+        noise.bernoulli_(keep).div_(keep)
+        return branch * noise
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ViTOutput(nn.Module):
     """Second MLP projection, plus the block's second residual."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return self.dropout(self.dense(hidden_states)) + input_tensor
+        return self.drop_path(self.dropout(self.dense(hidden_states))) + input_tensor
 
 
 class ViTLayer(nn.Module):
-    """One pre-LN transformer block: x + Attn(LN(x)), then h + MLP(LN(h))."""
+    """One pre-LN transformer block: x + Attn(LN(x)), then h + MLP(LN(h)); with ``drop_path`` > 0
+    each branch is dropped per sample in training (stochastic depth, DropPath)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, drop_path: float = 0.0) -> None:
         super().__init__()
         self.attention = ViTAttention(config)
         self.intermediate = ViTIntermediate(config)
-        self.output = ViTOutput(config)
+        self.output = ViTOutput(config, drop_path)
+        self.drop_path = DropPath(drop_path)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: Tensor, head_mask: Tensor | None = None,
                 output_attentions: bool = False) -> tuple[Tensor, Tensor | None]:
         attention_output, probs = self.attention(self.layernorm_before(hidden_states), head_mask, output_attentions)
-        hidden_states = attention_output + hidden_states  # first residual
+        hidden_states = self.drop_path(attention_output) + hidden_states  # first residual
         layer_output = self.output(self.intermediate(self.layernorm_after(hidden_states)), hidden_states)
         return layer_output, probs
+
+
+def drop_path_rates(rate: float, num_layers: int) -> list[float]:
+    """Stochastic depth rising linearly from 0 (first layer) to ``rate`` (last), as timm and DeiT
+    space it (``torch.linspace``, so the rates are timm's to the bit). On the CPU whatever the default
+    device: a model built on the meta device (to count its parameters) needs the numbers too."""
+    return [float(r) for r in torch.linspace(0, rate, num_layers, device="cpu")]
 
 
 class ViTEncoder(nn.Module):
@@ -273,7 +307,8 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.layer = nn.ModuleList([ViTLayer(config) for _ in range(config.num_hidden_layers)])
+        rates = drop_path_rates(config.drop_path_rate, config.num_hidden_layers)
+        self.layer = nn.ModuleList([ViTLayer(config, rate) for rate in rates])
         self.checkpoint_layer_ids: set[int] = config.checkpoint_layer_ids()
 
     def forward(self, hidden_states: Tensor, head_mask: list[Tensor | None] | None = None,

@@ -75,21 +75,24 @@ def test_model_suite_ratios(tmp_path):
 def test_step_suite_overhead(tmp_path):
     result = bench(tmp_path, "step", "--size", "tiny", "--batch-size", "2", "--stages", "0", "3", "--repeats", "1",
                    "--warmup", "1", "--precisions", "fp32", "--threads", "1", "--objectives", "classification", "mae",
-                   "simmim", "--clock", "cpu", "--overrides", "model.decoder_hidden_size=64",
+                   "simmim", "--clock", "cpu", "--layer-decay", "0.75", "--overrides", "model.decoder_hidden_size=64",
                    "model.decoder_intermediate_size=256", subprocess_=True)  # HF's 512-wide decoder: 25x tiny
     stats = result["precisions"]["fp32"]
     steps = ("plain_adamw", "zero0", "zero3")
-    assert set(stats) == {*steps, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}
+    decayed = ("zero0_layer_decay", "zero3_layer_decay")  # fine-tuning's objective only
+    assert set(stats) == {*steps, *decayed, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}
     assert all(s["median_s"] > 0 and s["overhead_pct"] is not None for s in stats.values())
     # the trainer's own step, split in its two phases
     assert all(s["fwd_bwd_s"] > 0 and s["optimizer_s"] > 0 for s in stats.values())
     for objective in ("classification", "mae", "simmim"):
         mine = [s for s in stats.values() if s["objective"] == objective]
         # one model, one batch, one init (and the same masks): every step starts from the same loss
-        assert len(mine) == 3 and len({s["first_loss"] for s in mine}) == 1
+        assert len(mine) == (5 if objective == "classification" else 3) and len({s["first_loss"] for s in mine}) == 1
+        assert all(s["vs_without_layer_decay"] > 0 for s in mine if s["step"].endswith("_layer_decay"))
         if objective != "classification":
             assert all(s["cost_vs_classification"] > 0 and s["fwd_bwd_cost_vs_classification"] > 0 for s in mine)
     assert len({s["first_loss"] for s in stats.values()}) == 3  # three objectives, three losses
+    assert result["summary"]["max_layer_decay_cost_x"] > 0
 
 
 ZERO3_LINEAR_CHECK = """

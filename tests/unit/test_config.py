@@ -99,12 +99,23 @@ def test_cli_reports_config_errors_in_one_line_without_traceback(tmp_path):
     assert lines[-1].startswith("error: model.hidden_size (100) must be divisible")
 
 
-def test_cli_check_prints_resolved_config(tmp_path):
+def test_cli_check_prints_resolved_config(tmp_path, digits_shards):
+    """Overrides applied, and train.epochs / optim.blr shown as the steps and lr the run would use."""
+    import json
+
+    from conftest import shard_overrides
+
     result = subprocess.run([sys.executable, str(ROOT / "launch/pretrain.py"), "--config",
-                             str(ROOT / "configs/digits_tiny.yaml"), "--check", "train.max_steps=7"],
+                             str(ROOT / "configs/digits_tiny.yaml"), "--check", *shard_overrides(digits_shards),
+                             "train.max_steps=null", "train.epochs=3", "optim.warmup_epochs=1", "optim.lr=null",
+                             "optim.blr=1e-3", "optim.blr_batch=64"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "max_steps: 7" in result.stdout
+    train = sum(s["num_samples"] for s in json.loads((digits_shards / "manifest.json").read_text())["shards"]
+                if s["name"].startswith("train"))
+    assert f"max_steps: {3 * (train // 32)}" in result.stdout and "epochs: 3" in result.stdout
+    assert f"warmup_steps: {train // 32}" in result.stdout
+    assert "lr: 0.0005" in result.stdout  # 1e-3 x 32 images (one process) / 64
 
 
 def test_size_applies_when_model_config_is_built_directly():

@@ -15,8 +15,12 @@ def optim_cfg(*overrides):
     return load_config(None, ["data.train_shards=x.tar", *overrides]).optim
 
 
+def optim_cfg_model():
+    return load_config(None, ["data.train_shards=x.tar", "model.size=tiny"]).model
+
+
 def test_no_weight_decay_on_biases_norms_positions_and_cls():
-    model = build_model(load_config(None, ["data.train_shards=x.tar", "model.size=tiny"]).model)
+    model = build_model(optim_cfg_model())
     names = {id(p): n for n, p in model.named_parameters()}
     decay, no_decay = param_groups(model, 0.05)
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -37,9 +41,12 @@ def test_warmup_then_cosine_to_min_lr():
     assert schedule(110) == pytest.approx(0.01)
 
 
-def test_resumed_schedule_follows_the_new_config_not_the_saved_one():
-    cfg = optim_cfg("optim.lr=1e-3", "optim.warmup_steps=0")
-    model = torch.nn.Linear(2, 2)
+@pytest.mark.parametrize("layer_decay", [None, 0.5])
+def test_resumed_schedule_follows_the_new_config_not_the_saved_one(layer_decay):
+    decay = [f"optim.layer_decay={layer_decay}"] if layer_decay else []
+    cfg = optim_cfg("optim.lr=1e-3", "optim.warmup_steps=0", *decay)
+    # With layer decay, every group's base LR is optim.lr x its scale, after a resume too.
+    model = build_model(optim_cfg_model()) if layer_decay else torch.nn.Linear(2, 2)
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg, total_steps=8)
     for _ in range(8):
@@ -53,13 +60,14 @@ def test_resumed_schedule_follows_the_new_config_not_the_saved_one():
     apply_current_schedule(sched_same, cfg)
     assert [g["lr"] for g in opt_same.param_groups] == sched.get_last_lr()
     # Longer run and another lr: the new schedule wins.
-    longer = optim_cfg("optim.lr=2e-3", "optim.warmup_steps=0")
+    longer = optim_cfg("optim.lr=2e-3", "optim.warmup_steps=0", *decay)
     opt_new = build_optimizer(model, longer)
     sched_new = build_scheduler(opt_new, longer, total_steps=16)
     sched_new.load_state_dict(saved)
     apply_current_schedule(sched_new, longer)
     expected = 2e-3 * WarmupCosine(longer, 16)(8)
-    assert [g["lr"] for g in opt_new.param_groups] == pytest.approx([expected, expected])
+    assert [g["lr"] for g in opt_new.param_groups] == pytest.approx([expected * g.get("lr_scale", 1.0)
+                                                                     for g in opt_new.param_groups])
 
 
 def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):

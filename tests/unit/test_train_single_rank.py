@@ -1,6 +1,7 @@
 """Training mechanics on one rank, in this process, through the real DeepSpeed engine (gloo)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -191,3 +192,59 @@ def test_zero0_grad_norm_is_logged_on_every_row(one_rank_group, tmp_path, digits
     rows, _ = metrics(tmp_path)
     assert [row["step"] for row in rows] == [2, 4, 5]
     assert all(row["grad_norm"] is not None and row["grad_norm"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-0: the run below
+def test_layer_decay_scales_survive_deepspeed_and_set_the_updates(one_rank_group, stage):
+    """DeepSpeed's own schedulers give every group one LR (DeepSpeed #7303); ours must keep each group's
+    scale x schedule through the engine, and Adam's first update (|g| / sqrt(g^2) = 1, no weight decay)
+    must move each group's weights by exactly its LR."""
+    from pipeline.optim import WarmupCosine
+
+    cfg = tiny_cfg(f"train.zero_stage={stage}", "optim.layer_decay=0.5", "optim.lr=1e-3", "optim.warmup_steps=2",
+                   "optim.weight_decay=0", "optim.grad_clip=0", "train.max_steps=6")
+    engine = make_engine(cfg)
+    groups = engine.lr_scheduler.optimizer.param_groups
+    depth = cfg.model.num_hidden_layers
+    assert len(groups) == 2 * (depth + 2) and engine.lr_scheduler.optimizer is engine.basic_optimizer
+    schedule = WarmupCosine(cfg.optim, 6)
+    probe = {"vit.encoder.layer.0.intermediate.dense.weight": 0.5 ** depth, "classifier.weight": 1.0}
+    before = {n: p.detach().clone() for n, p in engine.module.named_parameters() if n in probe} if stage < 3 else {}
+    for step, batch in enumerate(fixed_batches(3, 8)):
+        lrs = [g["lr"] for g in groups]
+        assert lrs == pytest.approx([1e-3 * g["lr_scale"] * schedule(step) for g in groups], rel=1e-12)
+        train_steps(engine, [batch], 1)
+        if step == 0 and stage < 3:  # ZeRO-3's module holds no weights between steps
+            for name, param in engine.module.named_parameters():
+                if name in probe:
+                    moved = (param.detach() - before[name]).abs().max().item()
+                    assert moved == pytest.approx(1e-3 * probe[name] * schedule(0), rel=1e-3), name
+    assert float(engine.get_lr()[0]) == pytest.approx(1e-3 * schedule(3))  # the first group: scale 1, what logs show
+
+
+def test_epochs_blr_layer_decay_and_drop_path_in_a_run(one_rank_group, tmp_path, digits_shards):
+    """train.epochs and optim.blr resolved from the shards' counts, stored in config.yaml, and trained to."""
+    import yaml
+
+    from conftest import metrics
+    from pipeline.trainer import Trainer
+
+    shards = json.loads((digits_shards / "manifest.json").read_text())["shards"]
+    train = [s for s in shards if s["name"].startswith("train")][:2]  # 400 samples: 4 steps of 100
+    cfg = load_config(None, [*TINY, f"data.train_shards=[{','.join(str(digits_shards / s['name']) for s in train)}]",
+                             f"train.output_dir={tmp_path}", "data.batch_size=100", "train.epochs=1",
+                             "optim.warmup_epochs=0.5", "optim.lr=null", "optim.blr=1e-3", "optim.blr_batch=50", "optim.layer_decay=0.75", "model.drop_path_rate=0.1",
+                             "train.log_every=1", "train.zero_stage=0", "train.precision=fp32",
+                             "train.progress_bar=false"])
+    trainer = Trainer(cfg, one_rank_group)
+    trainer.build()
+    assert trainer.run() == 0
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    per_epoch = sum(s["num_samples"] for s in train) // 100
+    assert per_epoch == trainer.train_loader.layout.steps_per_epoch == 4  # the loader's own epoch
+    assert saved["train"]["max_steps"] == trainer.cfg.train.max_steps == per_epoch
+    assert saved["optim"]["warmup_steps"] == round(per_epoch / 2)
+    assert saved["optim"]["lr"] == pytest.approx(1e-3 * 100 / 50)
+    rows, _ = metrics(tmp_path)
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, per_epoch + 1))
+    assert max(row["lr"] for row in rows if "lr" in row) == pytest.approx(2e-3)  # group 0: scale 1
