@@ -139,6 +139,8 @@ class Trainer:
             try:
                 self.ema.load_full(consolidated_state_dict(self.plan.tag_dir, self.cfg.train.zero_stage, ema=True))
                 found = True
+                log.info("EMA of the weights rebuilt from %s (%s ranks) onto %d ranks", self.plan.tag_dir.name,
+                         self.plan.marker.get("world_size"), self.env.world_size)
             except checkpoint.CheckpointError:
                 found = False
         if not found:

@@ -13,6 +13,9 @@ same rounds: ``cost_vs_classification`` = a step's median / classification's med
 contender (plain, or ZeRO stage), for the whole step and for its forward+backward alone
 (``fwd_bwd_s``; ``optimizer_s`` is the rest). ``--clock cpu`` times this process's CPU time
 instead of wall time: on a machine with more runnable threads than cores, with one thread.
+``--ema-decay D`` adds, per stage, the classification step with an EMA of the weights
+(``train.ema_decay=D``) in the same rounds: ``zero<S>_ema``, whose ``ema_cost_pct`` is its median
+against ``zero<S>``'s.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ OBJECTIVES = ("classification", "mae", "simmim")
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True,
-                overrides=[])
+                overrides=[], ema_decay=0.0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overrides", nargs="+", metavar="KEY=VALUE",
                         help="config overrides for every step, as the trainer takes them (e.g. a smaller "
                              "MAE decoder: model.decoder_hidden_size=64)")
+    parser.add_argument("--ema-decay", dest="ema_decay", type=float,
+                        help="also time each stage's step with train.ema_decay=D (default 0: not)")
 
 
 def contender_name(objective: str, step: str) -> str:
@@ -61,10 +66,11 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
     clock = CLOCKS[opts["clock"]]
     contenders = {}
     for objective in opts["objectives"]:
-        def config(stage: int = 0):
+        def config(stage: int = 0, ema: bool = False):
+            extra = [*opts["overrides"], *([f"train.ema_decay={opts['ema_decay']}"] if ema else [])]
             return training_steps.train_config(opts["size"], batch_size=opts["batch_size"], precision=precision,
                                                image_size=opts["image_size"], zero_stage=stage, objective=objective,
-                                               extra=list(opts["overrides"]))
+                                               extra=extra)
 
         images, labels = training_steps.synthetic_batch(config())
         if opts["plain"]:
@@ -75,6 +81,11 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
             step, _ = training_steps.engine_step(config(stage), training_steps.build_seeded_model(config(stage)),
                                                  images, labels, clock=clock)
             contenders[contender_name(objective, f"zero{stage}")] = (objective, f"zero{stage}", step)
+            if opts["ema_decay"] and objective == "classification":
+                step, _ = training_steps.engine_step(config(stage, ema=True),
+                                                     training_steps.build_seeded_model(config(stage)), images, labels,
+                                                     clock=clock)
+                contenders[contender_name(objective, f"zero{stage}_ema")] = (objective, f"zero{stage}_ema", step)
     return contenders
 
 
@@ -105,6 +116,9 @@ def run_precision(opts: dict, precision: str) -> dict:
     for name, s in stats.items():
         plain = stats.get(contender_name(s["objective"], "plain_adamw"))
         s["overhead_pct"] = round(100 * (s["median_s"] / plain["median_s"] - 1), 1) if plain else None
+        if s["step"].endswith("_ema"):
+            without = stats[name[:-len("_ema")]]
+            s["ema_cost_pct"] = round(100 * (s["median_s"] / without["median_s"] - 1), 2)
         reference = stats.get(s["step"])  # classification's contender of the same kind
         if s["objective"] != "classification" and reference:
             s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
@@ -137,7 +151,8 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "overhead_%": s["overhead_pct"],
                                    "vs_classification": s.get("cost_vs_classification"),
                                    "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
-                                   "first_loss": s["first_loss"]})
+                                   "first_loss": s["first_loss"],
+                                   **({"ema_cost_%": s["ema_cost_pct"]} if "ema_cost_pct" in s else {})})
     overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
                  if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,  # None: no plain step timed

@@ -48,6 +48,16 @@ def build_ema(engine: Any, train: TrainConfig) -> WeightEma | None:
     return ema
 
 
+def decay_at(step: int, decay: float, *, warmup: bool) -> float:
+    """timm's ``ModelEmaV3.get_decay(step)`` (update_after_step 0, min_decay 0, gamma 1, power 2/3)."""
+    updates = step - 1
+    if updates <= 0:
+        return 0.0  # the first update copies the weights
+    if not warmup:
+        return decay
+    return max(min(1 - (1 + updates / WARMUP_GAMMA) ** -WARMUP_POWER, decay), 0.0)
+
+
 def _swap_(a: Tensor, b: Tensor) -> None:
     """Exchange the values of two equally shaped fp32 tensors, a piece at a time."""
     a, b = a.view(-1), b.view(-1)
@@ -91,26 +101,22 @@ class WeightEma:
     def nbytes(self) -> int:
         return sum(a.numel() * a.element_size() for a in self.average)
 
-    def decay_at(self, step: int) -> float:
-        """timm's ``ModelEmaV3.get_decay(step)`` (update_after_step 0, min_decay 0, gamma 1, power 2/3)."""
-        updates = step - 1
-        if updates <= 0:
-            return 0.0
-        if not self.warmup:
-            return self.decay
-        return max(min(1 - (1 + updates / WARMUP_GAMMA) ** -WARMUP_POWER, self.decay), 0.0)
-
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After optimizer step ``step`` (1-based); reads nothing from the device."""
-        weight: float | Tensor = 1.0 - self.decay_at(step)
+        weight = 1.0 - decay_at(step, self.decay, warmup=self.warmup)
+        masters = self.masters()
         if self.stage == 0:
             found_inf = getattr(self.engine.optimizer, "found_inf", None)
             if isinstance(found_inf, Tensor):  # the train step's skip flag: weight 0 on a skipped step
-                weight = (1.0 - found_inf) * weight
+                # A tensor given as the one Scalar weight would be read on the host (.item()): one
+                # 0-dim weight per tensor instead, which lerp broadcasts on the device.
+                on_device = (1.0 - found_inf) * weight
+                torch._foreach_lerp_(self.average, masters, [on_device] * len(masters))
+                return
         elif self.engine.optimizer.overflow:
             return
-        torch._foreach_lerp_(self.average, self.masters(), weight)
+        torch._foreach_lerp_(self.average, masters, weight)
 
     # Evaluation -------------------------------------------------------------------------------
 
