@@ -30,6 +30,7 @@ import torch
 
 from pipeline.checkpoint.store import CheckpointError, find_checkpoint, read_marker
 from pipeline.config import ModelConfig
+from pipeline.distributed.ema import EMA_KEY
 from pipeline.checkpoint.export_meta import ExportError, check_out_dir, export_model, run_config
 from pipeline.model import ViTForImageClassification, ViTModel
 from pipeline.model.hf import ARCHITECTURES, NOT_ENCODER_KEYS
@@ -94,9 +95,6 @@ def _files(tag_dir: Path, pattern: str) -> list[Path]:
 
 def _stage_of(value) -> int:
     return int(value.args[0]) if isinstance(value, _Record) else int(value)
-
-
-EMA_KEY = "ema"  # pipeline/distributed/ema.py saves the average under this name
 
 
 def _no_ema(tag_dir: Path) -> CheckpointError:
