@@ -77,7 +77,7 @@ def test_step_suite_overhead(tmp_path):
                    "--warmup", "1", "--precisions", "fp32", "--threads", "1", "--objectives", "classification", "mae",
                    "simmim", "--clock", "cpu", "--overrides", "model.decoder_hidden_size=64",
                    "model.decoder_intermediate_size=256", "--ema-decay", "0.9",
-                   subprocess_=True)  # HF's 512-wide decoder: 25x tiny
+                   subprocess_=True, timeout=240)  # HF's 512-wide decoder: 25x tiny
     stats = result["precisions"]["fp32"]
     steps = ("plain_adamw", "zero0", "zero3")
     ema = {"zero0_ema", "zero3_ema"}  # classification's steps again, with an EMA of the weights
