@@ -9,7 +9,8 @@ A model trained on one channel is exported taking RGB (see pipeline/checkpoint/e
 for `transformers.ViTMAEForPreTraining` or `transformers.ViTForMaskedImageModeling`; with
 `--encoder-only`, any checkpoint's encoder alone, for fine-tuning: a `transformers.ViTModel` (no
 pooler: load it with `add_pooling_layer=False`), or with `--num-labels N` a
-`transformers.ViTForImageClassification` whose classifier is new. Exit code 2: a mistake in what to
+`transformers.ViTForImageClassification` whose classifier is new. `--ema` exports the exponential moving
+average of the weights of a run with `train.ema_decay` instead of the weights. Exit code 2: a mistake in what to
 export or where.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the encoder alone (a ViTModel), e.g. of an mae/simmim run, for fine-tuning")
     parser.add_argument("--num-labels", type=int, default=None,
                         help="with --encoder-only: a ViTForImageClassification with a new head of this many classes")
+    parser.add_argument("--ema", action="store_true",
+                        help="export the EMA of the weights (a run with train.ema_decay > 0) instead of the weights")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel,
-                                encoder_only=args.encoder_only, num_labels=args.num_labels)
+                                encoder_only=args.encoder_only, num_labels=args.num_labels, ema=args.ema)
     except (*USER_ERRORS, ValueError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

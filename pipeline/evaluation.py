@@ -3,7 +3,8 @@
 Every rank runs the same number of batches (padding marked ``valid=False``), so the one
 all-reduce at the end meets on every rank, and the figures count every sample exactly once.
 A representation probe (``pipeline/probe.py``), when given, reads its validation features in
-the same pass and adds its figures to the task's.
+the same pass and adds its figures to the task's. With an EMA of the weights, a second pass
+computes the task's figures with the average, reported with ``_ema`` (``val_top1_ema``).
 """
 from __future__ import annotations
 
@@ -15,14 +16,27 @@ import torch.distributed as dist
 from pipeline.config import Config
 from pipeline.data import EvalLoader
 from pipeline.data.device_feed import DeviceFeed, Normalize
+from pipeline.distributed.ema import WeightEma
 from pipeline.distributed.precision import autocast_context, engine_dtype
 from pipeline.probe import KnnProbe
 from pipeline.tasks import Task
 
 
-@torch.no_grad()
 def evaluate(engine: Any, task: Task, loader: EvalLoader, *, cfg: Config, device: torch.device,
-             normalize: Normalize, probe: KnnProbe | None = None) -> dict[str, float]:
+             normalize: Normalize, probe: KnnProbe | None = None, ema: WeightEma | None = None) -> dict[str, float]:
+    """The task's metrics (and the probe's) over the whole validation set; with ``ema``, also the
+    task's metrics of the averaged weights, each name with ``_ema``."""
+    metrics = _evaluate(engine, task, loader, cfg=cfg, device=device, normalize=normalize, probe=probe)
+    if ema is not None:
+        with ema.in_model():
+            averaged = _evaluate(engine, task, loader, cfg=cfg, device=device, normalize=normalize, probe=None)
+        metrics.update({f"{name}_ema": value for name, value in averaged.items() if name != "val_samples"})
+    return metrics
+
+
+@torch.no_grad()
+def _evaluate(engine: Any, task: Task, loader: EvalLoader, *, cfg: Config, device: torch.device,
+              normalize: Normalize, probe: KnnProbe | None) -> dict[str, float]:
     engine.eval()
     try:
         task.start_eval(device)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config
+from pipeline.distributed.ema import WeightEma
 from pipeline.distributed.engine import step_clips_gradients
 from pipeline.distributed.precision import autocast_context
 from pipeline.tasks import Task
@@ -30,8 +31,9 @@ def _skips_on_device(optimizer: Any) -> bool:
 class TrainStep:
     """``micro(batch)`` per micro-batch (forward and backward), then ``step()`` once per optimizer step."""
 
-    def __init__(self, engine: Any, task: Task, cfg: Config, device: torch.device):
+    def __init__(self, engine: Any, task: Task, cfg: Config, device: torch.device, ema: WeightEma | None = None):
         self.engine, self.task, self.cfg, self.device = engine, task, cfg, device
+        self.ema = ema  # updated after every optimizer step
         self.guards = step_clips_gradients(cfg.train)
         if self.guards and not _skips_on_device(engine.optimizer):
             raise RuntimeError("ZeRO-0 needs torch's fused AdamW (it skips non-finite steps on the device); "
@@ -52,7 +54,8 @@ class TrainStep:
         Returns the pre-clipping gradient norm on the device where this step computed it (ZeRO-0),
         else None (DeepSpeed keeps its own, ``engine.get_global_grad_norm()``)."""
         norm = None
-        if self.guards and self.engine.is_gradient_accumulation_boundary():
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if self.guards and boundary:
             # After the last backward of the step every rank holds the full, averaged gradients.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -60,6 +63,8 @@ class TrainStep:
                 torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, norm, foreach=True)
             self.engine.optimizer.found_inf = (~torch.isfinite(norm)).float()
         self.engine.step()
+        if boundary and self.ema is not None:
+            self.ema.update(self.engine.global_steps)  # the optimizer steps so far, as timm's num_updates
         return norm
 
     def run(self, batches: list[dict]) -> Tensor:

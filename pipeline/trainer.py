@@ -9,6 +9,7 @@ read on logging, evaluation and checkpoint steps only.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -24,7 +25,9 @@ from pipeline.config import Config, dump_config
 from pipeline.data import LedgerWriter, build_eval_loader, build_train_loader
 from pipeline.data.device_feed import DeviceFeed, Normalize
 from pipeline.data.worker import start_worker_server
+from pipeline.checkpoint.export import consolidated_state_dict
 from pipeline.distributed.agreement import StepAgreement
+from pipeline.distributed.ema import build_ema, discard_saved
 from pipeline.distributed.engine import build_engine, device_for
 from pipeline.distributed.env import DistributedEnv
 from pipeline.distributed.precision import engine_dtype, matmul_dtype
@@ -90,7 +93,8 @@ class Trainer:
         if self.plan is not None and self.plan.universal:
             cfg.deepspeed["checkpoint"] = {**cfg.deepspeed.get("checkpoint", {}), "load_universal": True}
         self.engine = build_engine(model, cfg, world_size=env.world_size)
-        self.train_step = TrainStep(self.engine, self.task, cfg, self.device)
+        self.ema = build_ema(self.engine, cfg.train)  # None unless train.ema_decay
+        self.train_step = TrainStep(self.engine, self.task, cfg, self.device, ema=self.ema)
         self.agreement = StepAgreement()
         # checkpoint.async: a writer thread and its host buffers, or None (synchronous saves)
         self.background = (checkpoint.plan_background(self.engine, self.env, group=self.agreement.group)
@@ -113,6 +117,7 @@ class Trainer:
             log.info("resuming %s on a different world size (%s -> %d): converting through DeepSpeed's "
                      "universal checkpoint", plan.tag_dir.name, plan.marker.get("world_size"), self.env.world_size)
         state = checkpoint.load(self.engine, plan, output_dir=self.output_dir)
+        self._restore_ema(state)
         apply_current_schedule(self.engine.lr_scheduler, self.cfg.optim)
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
@@ -126,6 +131,27 @@ class Trainer:
             seed_everything(self.cfg.train.seed * 100003 + self.env.rank + self.step)
         self.loader_state = self.train_loader.state_dict()
         log.info("resumed from %s at step %d", plan.tag_dir, self.step)
+
+    def _restore_ema(self, state: dict) -> None:
+        """The average as saved (same world size), rebuilt from the consolidated shards (another
+        world size), or started over from the loaded weights (a checkpoint without one)."""
+        if self.ema is None:
+            discard_saved(self.engine, state)
+            return
+        if not self.plan.universal:
+            found = self.ema.restore(state)
+        else:  # DeepSpeed's universal conversion knows only its own optimizer states
+            try:
+                self.ema.load_full(consolidated_state_dict(self.plan.tag_dir, self.cfg.train.zero_stage, ema=True))
+                found = True
+                log.info("EMA of the weights rebuilt from %s (%s ranks) onto %d ranks", self.plan.tag_dir.name,
+                         self.plan.marker.get("world_size"), self.env.world_size)
+            except checkpoint.CheckpointError:
+                found = False
+        if not found:
+            log.warning("checkpoint %s holds no EMA of the weights (train.ema_decay was 0): the EMA starts "
+                        "from the loaded weights", self.plan.tag_dir.name)
+            self.ema.reset()
 
     def run(self) -> int:
         """Train to ``train.max_steps``; 0 when done, the stop flag's code (75, 130) after a stop signal."""
@@ -232,7 +258,7 @@ class Trainer:
         if self.eval_loader is None:
             return None
         metrics = evaluate(self.engine, self.task, self.eval_loader, cfg=self.cfg, device=self.device,
-                           normalize=self.normalize, probe=self.probe)
+                           normalize=self.normalize, probe=self.probe, ema=self.ema)
         writer.log(metrics, self.step)
         log.info("step %d: %s", self.step, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
@@ -254,10 +280,12 @@ class Trainer:
                   "precision": self.cfg.train.precision, "config_hash": self.cfg.hash(),
                   "task": self.task.name, "model": dataclasses.asdict(self.cfg.model),
                   "global_batch": self.images_per_step}  # data.keep_global_batch reads it on a resume
-        tag_dir = checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step, client_state=client_state,
-                                  marker_info=marker, keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
-                                  resumed_from=self.plan.tag_dir if self.plan is not None else None,
-                                  background=background)
+        with self.ema.saved_with(client_state) if self.ema is not None else contextlib.nullcontext():
+            tag_dir = checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step,
+                                      client_state=client_state, marker_info=marker,
+                                      keep_last=self.cfg.checkpoint.keep_last, rank=self.env.rank,
+                                      resumed_from=self.plan.tag_dir if self.plan is not None else None,
+                                      background=background)
         stall = time.perf_counter() - started
         if writer is not None:
             writer.log({"checkpoint_stall_s": round(stall, 4)}, self.step)

@@ -18,6 +18,10 @@ instead of wall time: on a machine with more runnable threads than cores, with o
 layer-wise LR decay: 2 x (layers + 2) parameter groups instead of 2, so ZeRO flattens, reduces
 and steps many smaller buffers, DeepSpeed #2125) in the same rounds: ``vs_without_layer_decay`` =
 its median / the stage's median without (goal: <= 1.05).
+
+``--ema-decay D`` adds, per stage, the classification step with an EMA of the weights
+(``train.ema_decay=D``) in the same rounds: ``zero<S>_ema``, whose ``ema_cost_pct`` is its median
+against ``zero<S>``'s.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ OBJECTIVES = ("classification", "mae", "simmim")
 # Benchmarks); a run takes ~4.5 min there.
 DEFAULTS = dict(size="S/16", batch_size=8, image_size=None, precisions=["fp32", "bf16"], stages=[0, 1, 2, 3],
                 repeats=21, warmup=2, threads=None, objectives=["classification"], clock="wall", plain=True,
-                overrides=[], augment=[], layer_decay=None)
+                overrides=[], augment=[], layer_decay=None, ema_decay=0.0)
 LAYER_DECAY_GOAL = 1.05
 
 
@@ -62,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "vs_unaugmented = its median / zero<N>'s")
     parser.add_argument("--layer-decay", dest="layer_decay", type=float,
                         help="also time every ZeRO stage with optim.layer_decay=X, side by side (goal <= 1.05x)")
+    parser.add_argument("--ema-decay", dest="ema_decay", type=float,
+                        help="also time each stage's step with train.ema_decay=D (default 0: not)")
 
 
 def contender_name(objective: str, step: str) -> str:
@@ -98,6 +104,11 @@ def build_contenders(opts: dict, precision: str) -> dict[str, tuple[str, str, ob
                                                      labels, clock=clock)
                 kind = f"zero{stage}_layer_decay"
                 contenders[contender_name(objective, kind)] = (objective, kind, step)
+            if opts["ema_decay"] and objective == "classification":
+                step, _ = training_steps.engine_step(config(stage, (f"train.ema_decay={opts['ema_decay']}",)),
+                                                     training_steps.build_seeded_model(config(stage)), images, labels,
+                                                     clock=clock)
+                contenders[contender_name(objective, f"zero{stage}_ema")] = (objective, f"zero{stage}_ema", step)
     return contenders
 
 
@@ -133,6 +144,9 @@ def run_precision(opts: dict, precision: str) -> dict:
         if s["step"].endswith("_layer_decay"):
             without = stats[contender_name(s["objective"], s["step"].removesuffix("_layer_decay"))]
             s["vs_without_layer_decay"] = round(s["median_s"] / without["median_s"], 3)
+        if s["step"].endswith("_ema"):
+            without = stats[name[:-len("_ema")]]
+            s["ema_cost_pct"] = round(100 * (s["median_s"] / without["median_s"] - 1), 2)
         reference = stats.get(s["step"])  # classification's contender of the same kind
         if s["objective"] != "classification" and reference:
             s["cost_vs_classification"] = round(s["median_s"] / reference["median_s"], 3)
@@ -166,7 +180,8 @@ def run(args: argparse.Namespace | None = None) -> dict:
                                    "vs_classification": s.get("cost_vs_classification"),
                                    "fwd_bwd_vs_classification": s.get("fwd_bwd_cost_vs_classification"),
                                    "vs_without_layer_decay": s.get("vs_without_layer_decay"),
-                                   "first_loss": s["first_loss"], "vs_unaugmented": s.get("vs_unaugmented")})
+                                   "first_loss": s["first_loss"], "vs_unaugmented": s.get("vs_unaugmented"),
+                                   **({"ema_cost_%": s["ema_cost_pct"]} if "ema_cost_pct" in s else {})})
     overheads = [s["overhead_pct"] for p in result["precisions"].values() for s in p.values()
                  if s["step"] != "plain_adamw" and s["overhead_pct"] is not None]
     result["summary"] = {"max_overhead_pct": max(overheads) if overheads else None,  # None: no plain step timed

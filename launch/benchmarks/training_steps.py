@@ -137,6 +137,7 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
 
     ``step(after_backward)`` calls ``after_backward()`` between the backward pass and the
     optimizer step, where gradients, weights and optimizer states all exist."""
+    from pipeline.distributed.ema import build_ema
     from pipeline.distributed.engine import build_engine
     from pipeline.distributed.precision import engine_dtype
     from pipeline.train_step import TrainStep
@@ -149,7 +150,8 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
     engine_linear = F.linear
     F.linear = torch_linear
     engine.train()
-    train_step = TrainStep(engine, build_task(cfg), cfg, torch.device("cpu"))
+    ema = build_ema(engine, cfg.train)  # with train.ema_decay, updated in every step as the trainer's is
+    train_step = TrainStep(engine, build_task(cfg), cfg, torch.device("cpu"), ema=ema)
     batch = {"image": images.to(engine_dtype(cfg.train)), "label": labels}
     phases = Phases(clock)
 
@@ -168,4 +170,5 @@ def engine_step(cfg: Config, model: torch.nn.Module, images: torch.Tensor, label
             F.linear = torch_linear
 
     step.phases = phases.seconds  # type: ignore[attr-defined]
+    step.ema = ema  # type: ignore[attr-defined]
     return step, engine

@@ -13,6 +13,9 @@ A checkpoint exports as the model its objective trained (the marker's ``task``):
 ViTForImageClassification, ViTMAEForPreTraining (mae) or ViTForMaskedImageModeling (simmim).
 ``encoder_only`` writes the encoder alone, for fine-tuning: a ViTModel (no pooler), or with
 ``num_labels`` a ViTForImageClassification whose classifier is new (seeded, random).
+``ema`` exports the exponential moving average of the weights (``train.ema_decay``) instead:
+the optimizer state ``"ema"`` of each rank's flat fp32 partition (ZeRO 1-3), consolidated as the
+weights are, or the client state's (ZeRO-0).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 
 from pipeline.checkpoint.store import CheckpointError, find_checkpoint, read_marker
 from pipeline.config import ModelConfig
+from pipeline.distributed.ema import EMA_KEY
 from pipeline.checkpoint.export_meta import ExportError, check_out_dir, export_model, run_config
 from pipeline.model import ViTForImageClassification, ViTModel
 from pipeline.model.hf import ARCHITECTURES, NOT_ENCODER_KEYS
@@ -93,13 +97,36 @@ def _stage_of(value) -> int:
     return int(value.args[0]) if isinstance(value, _Record) else int(value)
 
 
-def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights, whatever the ZeRO stage the checkpoint was written with."""
+def _no_ema(tag_dir: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint '{tag_dir}' holds no EMA of the weights (it was trained with "
+                           "train.ema_decay=0); export it without --ema")
+
+
+def _ema_partitions(tag_dir: Path, optim_states: list[dict], stage: int) -> list[list[torch.Tensor]]:
+    """Each rank's EMA partitions, laid out as the fp32 partitions the merges below take."""
+    ranks = []
+    for optim in optim_states:
+        base = optim["base_optimizer_state" if stage <= 2 else "optimizer_state_dict"]["state"]
+        if not base or any(EMA_KEY not in state for state in base.values()):
+            raise _no_ema(tag_dir)
+        groups = [base[index][EMA_KEY] for index in sorted(base)]  # one flat partition per index, in order
+        if stage <= 2:  # saved with DeepSpeed's alignment padding, which its fp32 partitions are saved without
+            groups = [g[:g.numel() - pad] for g, pad in zip(groups, optim["group_paddings"])]
+        ranks.append(groups)
+    return ranks
+
+
+def consolidated_state_dict(tag_dir: Path, zero_stage: int, *, ema: bool = False) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (or with ``ema`` their average), whatever the ZeRO stage the checkpoint was
+    written with."""
     tag_dir = Path(tag_dir)
     if zero_stage == 0:
         # Every rank holds the whole model (fp32 here: bf16 at ZeRO-0 runs in autocast).
         state = load_weights_only(tag_dir / "mp_rank_00_model_states.pt")
-        return OrderedDict((k, v.float()) for k, v in state["module"].items())
+        if ema and EMA_KEY not in state:
+            raise _no_ema(tag_dir)
+        average = state[EMA_KEY] if ema else {}
+        return OrderedDict((k, average.get(k, v).float()) for k, v in state["module"].items())
     model_states = [load_weights_only(p) for p in _files(tag_dir, "*_model_states.pt")]
     optim_states = [load_weights_only(p)["optimizer_state_dict"] for p in _files(tag_dir, "*_optim_states.pt")]
     stage = _stage_of(optim_states[0]["zero_stage"])
@@ -115,11 +142,15 @@ def consolidated_state_dict(tag_dir: Path, zero_stage: int) -> dict[str, torch.T
         (k, v.float() if v.is_floating_point() else v) for k, v in model["module"].items() if k in model["buffer_names"])
     if model.get("frozen_param_shapes"):
         raise CheckpointError(f"checkpoint '{tag_dir}' has frozen parameters, which this exporter does not handle")
-    if stage <= 2:
-        state.update(_merge_zero12(model["param_shapes"], [o["single_partition_of_fp32_groups"] for o in optim_states],
-                                   optim_states[0].get("param_alignment_paddings"), world_size))
+    if ema:
+        partitions = _ema_partitions(tag_dir, optim_states, stage)
     else:
-        state.update(_merge_zero3(model["param_shapes"], [o["fp32_flat_groups"] for o in optim_states], world_size))
+        partitions = [o["single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"] for o in optim_states]
+    if stage <= 2:
+        state.update(_merge_zero12(model["param_shapes"], partitions, optim_states[0].get("param_alignment_paddings"),
+                                   world_size))
+    else:
+        state.update(_merge_zero3(model["param_shapes"], partitions, world_size))
     for alias, source in model.get("shared_params", {}).items():
         if source in state:
             state[alias] = state[source]
@@ -162,8 +193,9 @@ def _merge_zero3(param_shapes: list[dict], flat_groups: list[list[torch.Tensor]]
     return out
 
 
-def trained_model(tag_dir: Path) -> torch.nn.Module:
-    """The model a checkpoint's objective trained, with its consolidated fp32 weights, in eval mode."""
+def trained_model(tag_dir: Path, *, ema: bool = False) -> torch.nn.Module:
+    """The model a checkpoint's objective trained, with its consolidated fp32 weights (``ema``: their
+    average), in eval mode."""
     marker = read_marker(tag_dir)
     model_cfg = ModelConfig(**{**marker["model"], "activation_checkpointing": "none"})
     task = marker.get("task", "classification")
@@ -171,7 +203,7 @@ def trained_model(tag_dir: Path) -> torch.nn.Module:
         raise CheckpointError(f"checkpoint '{tag_dir}' was trained with objective '{task}', which this exporter does "
                               f"not know ({', '.join(TASK_ARCHITECTURES)})")
     model = ARCHITECTURES[TASK_ARCHITECTURES[task]](model_cfg)
-    state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]))
+    state = consolidated_state_dict(tag_dir, int(marker["zero_stage"]), ema=ema)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{tag_dir}' does not match its recorded model config: "
@@ -198,11 +230,11 @@ def encoder_model(model: torch.nn.Module, num_labels: int | None) -> torch.nn.Mo
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input: bool = True,
-                      encoder_only: bool = False, num_labels: int | None = None) -> Path:
+                      encoder_only: bool = False, num_labels: int | None = None, ema: bool = False) -> Path:
     """Write ``config.json``, ``model.safetensors`` (fp32) and ``preprocessor_config.json`` for
     ``checkpoint`` into ``out_dir``: the objective's model, or with ``encoder_only`` its encoder
-    (``num_labels``: as a classifier with a new head). ``rgb_input`` (classifiers only): see
-    ``export_meta.export_model``."""
+    (``num_labels``: as a classifier with a new head); ``ema``: the averaged weights. ``rgb_input``
+    (classifiers only): see ``export_meta.export_model``."""
     if num_labels is not None and not encoder_only:
         raise ExportError(f"--num-labels {num_labels} needs --encoder-only: it puts a new classifier on the "
                           "checkpoint's encoder; a classification checkpoint keeps its own classifier without it")
@@ -211,13 +243,13 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, rgb_input:
     tag_dir = find_checkpoint(checkpoint)
     out_dir = check_out_dir(out_dir)
     marker = read_marker(tag_dir)
-    model = trained_model(tag_dir)
+    model = trained_model(tag_dir, ema=ema)
     if encoder_only:
         model = encoder_model(model, num_labels)
     # The RGB conversion is the classifier's (HF's image pipeline feeds it); a pretraining model
     # predicts pixels of its own channels, and a bare encoder keeps what it was trained on.
     export_model(model, out_dir, run=run_config(tag_dir),
                  rgb_input=rgb_input and isinstance(model, ViTForImageClassification))
-    log.info("exported %s (%s, step %s, ZeRO-%s) as %s to %s", tag_dir, marker.get("task", "classification"),
-             marker["step"], marker["zero_stage"], type(model).__name__, out_dir)
+    log.info("exported %s (%s, step %s, ZeRO-%s%s) as %s to %s", tag_dir, marker.get("task", "classification"),
+             marker["step"], marker["zero_stage"], ", EMA weights" if ema else "", type(model).__name__, out_dir)
     return out_dir

@@ -188,6 +188,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 0  # non-finite losses tolerated (step skipped) before the run stops
     compile: bool = False
     progress_bar: bool = True
+    # An fp32 exponential moving average of the weights (timm's ModelEmaV3; DeiT uses 0.99996); 0 is off.
+    # ema_warmup: timm's warmup, decay 1 - (1 + step)^(-2/3) until it reaches ema_decay.
+    ema_decay: float = 0.0
+    ema_warmup: bool = False
 
     def __post_init__(self) -> None:
         require(self.epochs is None or self.epochs > 0, f"train.epochs must be positive (or null), got {self.epochs}")
@@ -211,6 +215,12 @@ class TrainConfig:
                 f"train.objective '{self.objective}' is unknown; use one of {', '.join(OBJECTIVES)}")
         require(self.init_from is None or bool(self.init_from),
                 "train.init_from is empty; give a checkpoint or HF directory, or leave it unset (null)")
+        require(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 is off), got {self.ema_decay}")
+        require(not self.ema_warmup or self.ema_decay > 0,
+                "train.ema_warmup=true needs train.ema_decay > 0 (the decay the warmup rises to)")
+        # ZeRO-0 fp16 keeps its fp32 master in DeepSpeed's FP16_Optimizer, whose flat groups the EMA does not follow.
+        require(not (self.ema_decay and self.zero_stage == 0 and self.precision == "fp16"),
+                "train.ema_decay with train.precision=fp16 needs train.zero_stage >= 1 (or use bf16/fp32 at ZeRO-0)")
 
 
 @dataclass

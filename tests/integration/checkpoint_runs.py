@@ -33,9 +33,14 @@ SLOW_SAVE = ["model.hidden_size=256", "model.intermediate_size=1024", "model.num
              "train.log_every=3"]
 
 
+# Every shared run keeps an EMA of its weights: its checkpoints carry it (resumed bitwise, exported
+# with --ema, rebuilt on another world size) and every evaluation reports val_*_ema.
+EMA = ["train.ema_decay=0.9"]
+
+
 def common(shards: Path, stage: int, slow_save: bool = False) -> list[str]:
     return [*TINY, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
-            f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true",
+            f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true", *EMA,
             *(SLOW_SAVE if slow_save else [])]
 
 

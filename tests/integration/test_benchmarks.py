@@ -76,11 +76,16 @@ def test_step_suite_overhead(tmp_path):
     result = bench(tmp_path, "step", "--size", "tiny", "--batch-size", "2", "--stages", "0", "3", "--repeats", "1",
                    "--warmup", "1", "--precisions", "fp32", "--threads", "1", "--objectives", "classification", "mae",
                    "simmim", "--clock", "cpu", "--layer-decay", "0.75", "--overrides", "model.decoder_hidden_size=64",
-                   "model.decoder_intermediate_size=256", subprocess_=True)  # HF's 512-wide decoder: 25x tiny
+                   "model.decoder_intermediate_size=256", "--ema-decay", "0.9",
+                   subprocess_=True, timeout=240)  # HF's 512-wide decoder: 25x tiny
     stats = result["precisions"]["fp32"]
     steps = ("plain_adamw", "zero0", "zero3")
     decayed = ("zero0_layer_decay", "zero3_layer_decay")  # fine-tuning's objective only
-    assert set(stats) == {*steps, *decayed, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}
+    ema = {"zero0_ema", "zero3_ema"}  # classification's steps again, with an EMA of the weights
+    assert set(stats) == {*steps, *decayed, *ema, *(f"{o}_{s}" for o in ("mae", "simmim") for s in steps)}
+    assert all(stats[name]["ema_cost_pct"] is not None and stats[name]["first_loss"] == stats["zero0"]["first_loss"]
+               for name in ema)
+    stats = {name: s for name, s in stats.items() if name not in ema}
     assert all(s["median_s"] > 0 and s["overhead_pct"] is not None for s in stats.values())
     # the trainer's own step, split in its two phases
     assert all(s["fwd_bwd_s"] > 0 and s["optimizer_s"] > 0 for s in stats.values())
@@ -136,13 +141,16 @@ def test_roofline_suite(tmp_path):
 def test_memory_suite(tmp_path):
     # Every setting and stage is its own process (torchrun for ZeRO): one stage keeps this short.
     result = bench(tmp_path, "memory", "--size", "tiny", "--batch-size", "4", "--settings", "none", "all",
-                   "--steps", "1", "--zero-size", "tiny", "--stages", "3", "--threads", "1", timeout=240)
+                   "--steps", "1", "--zero-size", "tiny", "--stages", "3", "--threads", "1",
+                   "--zero-overrides", "train.ema_decay=0.9", timeout=240)
     ckpt = result["checkpointing"]["settings"]
     assert set(ckpt) == {"none", "all"}
     assert all(s["step_s"] > 0 and s["peak_rss_mib"] > 0 and "activation_cut_x" in s for s in ckpt.values())
     stage = result["zero"]["stages"]["zero3"]
     assert stage["measured_mib"] > 0 and stage["step_s"] > 0
     assert stage["predicted_mib"] == pytest.approx(16 * stage["params"] / 2 / 2**20, abs=0.1)  # 16P/N, N=2
+    assert 0.5 <= stage["ema_vs_fp32_copy"] <= 0.51  # an EMA of the rank's partition: half the weights, padded
+    assert result["summary"]["goal_ema_zero3_le_55pct_of_fp32_copy_met"]
 
 
 def test_zero_prediction():

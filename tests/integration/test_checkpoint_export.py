@@ -18,7 +18,8 @@ from conftest import ROOT, run_env
 from pipeline.checkpoint import read_marker
 from pipeline.data.device_feed import Normalize
 from pipeline.config import ModelConfig, load_config
-from pipeline.checkpoint.export import consolidated_state_dict, find_checkpoint
+from pipeline.checkpoint import CheckpointError
+from pipeline.checkpoint.export import consolidated_state_dict, export_checkpoint, find_checkpoint
 from pipeline.model import build_model
 
 
@@ -72,6 +73,20 @@ def test_export_loads_in_transformers_with_our_logits(base, digits_shards, tmp_p
     loss, count = validation_loss(hf, run)
     assert count == logged["val_samples"] and loss == pytest.approx(logged["val_loss"], abs=1e-5)
 
+    # --ema: the averaged weights (the shared runs keep an EMA), which compute what the run's
+    # evaluation under the average computed, and differ from the weights.
+    ema_out = tmp_path / "hf-ema"
+    if stage == 3:  # the command line once; the same function in-process at the other stages
+        result = subprocess.run([sys.executable, str(ROOT / "launch/export.py"), "--checkpoint", str(run), "--out",
+                                 str(ema_out), "--ema"], capture_output=True, text=True, timeout=300, env=run_env())
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        export_checkpoint(run, ema_out, ema=True)
+    averaged = ViTForImageClassification.from_pretrained(ema_out).eval()
+    loss, count = validation_loss(averaged, run)
+    assert count == logged["val_samples"] and loss == pytest.approx(logged["val_loss_ema"], abs=1e-5)
+    assert logged["val_loss_ema"] != logged["val_loss"]
+
 
 def validation_loss(hf, run: Path) -> tuple[float, int]:
     from pipeline.data import build_eval_loader
@@ -99,6 +114,21 @@ def test_export_refuses_an_output_path_that_is_a_file_in_one_line(base, digits_s
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: --out '{tmp_path / 'taken'}' is a file; give a " \
                                                      "directory (it is created if missing)"
+
+
+def test_export_ema_of_a_checkpoint_without_one_is_refused_in_one_line(base, digits_shards, tmp_path):
+    source = find_checkpoint(runs.checkpoint_run(base, digits_shards, 0))
+    tag = tmp_path / "checkpoints" / "step-2"  # the same checkpoint as a run without train.ema_decay saves it
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE").write_bytes((source / "COMPLETE").read_bytes())
+    state = torch.load(source / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    del state["ema"]
+    torch.save(state, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError) as info:
+        export_checkpoint(tag, tmp_path / "out", ema=True)
+    assert "holds no EMA of the weights (it was trained with train.ema_decay=0); export it without --ema" in str(
+        info.value) and "\n" not in str(info.value)
+    assert consolidated_state_dict(tag, 0).keys() == consolidated_state_dict(source, 0, ema=True).keys()
 
 
 def test_export_refuses_an_incomplete_checkpoint_in_one_line(tmp_path):

@@ -33,12 +33,14 @@ def assert_same_training(full: Path, resumed: Path, tmp_path: Path) -> None:
             assert got[step][key] == expected[step][key], (step, key, got[step][key], expected[step][key])
     for rank in (0, 1):
         assert runs.ledger_lines(resumed, rank) == runs.ledger_lines(full, rank)  # also: no step twice, none missing
-    weights = [load_file(export_checkpoint(run, tmp_path / run.name) / "model.safetensors") for run in (full, resumed)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    for ema in (False, True):  # the weights, and their average (EMA) restored from the checkpoint
+        weights = [load_file(export_checkpoint(run, tmp_path / f"{run.name}-{ema}", ema=ema) / "model.safetensors")
+                   for run in (full, resumed)]
+        assert weights[0].keys() == weights[1].keys()
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     val = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r][-1]
            for run in (full, resumed)]
-    assert val[0] == val[1]
+    assert val[0] == val[1] and "val_top1_ema" in val[0]
 
 
 def test_zero2_resume_after_preemption_is_bitwise_exact(base, digits_shards, tmp_path):
@@ -145,6 +147,9 @@ def test_world_size_change_2_1_2_inside_one_epoch(base, digits_shards):
                          rf"universal format in [\d.]+ s: {out}/checkpoints/step-\d+_universal", job.log)
         assert (f"world_size {old} -> {new} since the checkpoint; epoch 0 goes on where it stopped: {before} of its "
                 f"{samples} samples were trained") in job.log
+        # The EMA is not DeepSpeed's to convert: rebuilt from the old shards onto the new partitions.
+        assert f"EMA of the weights rebuilt from step-{tag} ({old} ranks) onto {new} ranks" in job.log
+        assert "holds no EMA" not in job.log
     rows = runs.train_rows(out)
     assert sorted(rows) == list(range(steps + 1, steps + 2 * more + 1))  # the step count continues
     assert {rows[s]["epoch"] for s in rows} == {0}

@@ -55,7 +55,9 @@ AUGMENTATIONS = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2",
 def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision, extra):
     out = tmp_path / "run"
     # Rows every 5 steps, evaluation at 10, checkpoints at 15: steps in between are steady-state steps.
+    # An EMA of the weights is on: its update runs in every steady-state step, under the guard.
     result = torchrun(2, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={out}",
+                          "train.ema_decay=0.95", "train.ema_warmup=true",
                           f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=30", "optim.lr=3e-3", "data.batch_size=32",
                           "model.activation_checkpointing=every-2", "train.log_every=5", "train.eval_every=10",
                           "checkpoint.every_steps=15", *extra], script=GUARDED)
@@ -75,6 +77,7 @@ def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precis
     else:
         assert losses[-1] < losses[0] - 0.03, losses  # means over steps 26-30 vs 1-5: a ViT leaves chance slowly
     assert val_rows and val_rows[-1]["val_samples"] > 0
+    assert [r["step"] for r in val_rows] == [10, 20, 30] and all(0 <= r["val_top1_ema"] <= 1 for r in val_rows)
     assert 0 < train_rows[-1]["samples_per_s"] and 0 <= train_rows[-1]["data_wait_fraction"] <= 1
     assert train_rows[-1]["mfu"] > 0 and train_rows[-1]["grad_norm"] > 0
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())

@@ -66,6 +66,10 @@ def test_deepspeed_section_passes_through(tmp_path):
     (["model.size=XL/99"], "model.size 'XL/99' is unknown"),
     (["optim.min_lr=1.0"], "optim.min_lr must be in [0, optim.lr]"),
     (["max_steps"], "must look like section.key=value"),
+    (["train.ema_decay=1.0"], "train.ema_decay must be in [0, 1) (0 is off)"),
+    (["train.ema_warmup=true"], "train.ema_warmup=true needs train.ema_decay > 0"),
+    (["train.ema_decay=0.9", "train.zero_stage=0", "train.precision=fp16"],
+     "train.ema_decay with train.precision=fp16 needs train.zero_stage >= 1"),
 ])
 def test_bad_values_are_refused_with_the_key(tmp_path, override, fragment):
     with pytest.raises(ConfigError) as info:
