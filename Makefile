@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) launch/demo.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 # The GPU machine check (not part of `make test`): with the Python that has the machine's own
 # torch and this package installed (`pip install -e .`); `make gpu-check PYTHON=.venv/bin/python`
