@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg = resolved_schedule(cfg, env.world_size)  # the steps and lr the run would use
         except UserError as error:
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            return error.exit_code
+            return refuse(error, None)
         dump_config(cfg, "/dev/stdout")
         return 0
     set_torch_threads(num_workers=cfg.data.num_workers, local_world_size=env.local_world_size)
@@ -138,9 +137,17 @@ def resolved_schedule(cfg, world_size: int):
     from pipeline.data.sources import resolve_shards
     from pipeline.optim import resolve_schedule, schedule_needs_samples
 
+    from pipeline.data.errors import DataError
+    from pipeline.errors import one_line
+
     samples = None
     if schedule_needs_samples(cfg):
-        samples = sum(s.num_samples for s in resolve_shards(cfg.data.train_shards, cfg.data.manifest))
+        try:
+            samples = sum(s.num_samples for s in resolve_shards(cfg.data.train_shards, cfg.data.manifest))
+        except DataError as error:  # checking a config where its data is not (a login node): say so, go on
+            print(f"note: train.epochs / optim.warmup_epochs stay unresolved here: {one_line(error)}",
+                  file=sys.stderr)
+            return cfg
     return resolve_schedule(cfg, world_size=world_size, num_samples=samples)
 
 

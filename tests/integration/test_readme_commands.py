@@ -24,6 +24,7 @@ import pretrain  # noqa: E402  - launch/pretrain.py
 SKIPPED = {
     "make demo": "the demo itself (minutes)", "make test": "the suite itself", "make gpu-check": "a GPU",
     "python3 -m venv": "installing", ".venv/bin/pip": "installing", "pip install": "installing",
+    "export ": "setting the environment for the commands after it",
 }
 
 
