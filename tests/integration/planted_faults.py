@@ -24,7 +24,7 @@ PLANTS = {
     # the fault that crashed the first GPU run: the window's sums made on the host
     "window_without_device": ("pipeline.train_metrics", "StepWindow.__init__", ", device=device)", ")"),
     # the evaluation's sums made on the host
-    "eval_sums_without_device": ("pipeline.evaluation", "evaluate",
+    "eval_sums_without_device": ("pipeline.evaluation", "_evaluate",
                                  "dtype=torch.float64, device=device)", "dtype=torch.float64)"),
     # a skip decided on the host (ZeRO-0, where the step computes the gradient norm)
     "host_read_in_step": ("pipeline.train_step", "TrainStep.step",
