@@ -18,7 +18,8 @@ from pipeline.checkpoint.store import (COMPLETE, UNIVERSAL_SUFFIX, CheckpointErr
 log = logging.getLogger(__name__)
 
 # Model fields that may differ on resume without a refusal (logged when they do).
-FREE_FIELDS = ("size", "activation_checkpointing", "hidden_dropout_prob", "attention_probs_dropout_prob")
+FREE_FIELDS = ("size", "activation_checkpointing", "hidden_dropout_prob", "attention_probs_dropout_prob",
+               "drop_path_rate")  # regularization: no shape, free to change on resume
 
 
 def resolve_resume(resume: str, output_dir: str | Path, *, overwrite: bool) -> Path | None:

@@ -112,7 +112,7 @@ def test_two_ranks_give_the_one_process_figure(tmp_path, k):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_rank, args=(str(tmp_path), port, k), nprocs=2, start_method="fork")
+    mp.start_processes(_rank, args=(str(tmp_path), port, k), nprocs=2, start_method="spawn")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]
 
