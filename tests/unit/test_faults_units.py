@@ -72,9 +72,7 @@ def test_writing_turns_write_failures_into_storage_errors(tmp_path):
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A 64 KB tmpfs (root only): a disk that really fills up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; tests/integration/test_faults.py covers the full disk with a patched writer")
+    """A 64 KB tmpfs (root only, as CI runs): a disk that really fills up."""
     mount = tmp_path / "disk"
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
@@ -82,6 +80,8 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root); "
+                    "tests/integration/test_faults.py covers the full disk with a patched writer")
 def test_torch_save_on_a_full_disk_is_a_storage_error_with_the_os_reason(small_tmpfs):
     import torch
 
