@@ -78,7 +78,9 @@ def write_shards(root: Path) -> list[str]:
 
 
 def config(root: Path, k: int):
-    names = write_shards(root)
+    """The probe's config on the shards ``write_shards(root)`` wrote (ranks only read them: a rank
+    that rewrote them while the other read them made the other read an empty file)."""
+    names = [str(root / name) for name in ("val-000000.tar", "train-000000.tar", "train-000001.tar")]
     return load_config(None, ["model.size=tiny", "model.image_size=4", "model.patch_size=2", "model.num_channels=1",
                               "train.objective=mae", "train.precision=fp32", "data.num_workers=0",
                               "data.batch_size=2", "data.augment=none", "data.crop_pct=1.0", "data.mean=[0.5]",
@@ -112,13 +114,13 @@ def test_two_ranks_give_the_one_process_figure(tmp_path, k):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    write_shards(tmp_path)
     mp.start_processes(_rank, args=(str(tmp_path), port, k), nprocs=2, start_method="spawn")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]
 
     # The same figure from every sample at once: features and labels read in one process.
-    (tmp_path / "again").mkdir()
-    cfg, norm = config(tmp_path / "again", k), Normalize([0.5], [0.5], 1)
+    cfg, norm = config(tmp_path, k), Normalize([0.5], [0.5], 1)
 
     def everything(split: str, limit: int | None = None):
         loader = build_eval_loader(cfg.data, image_size=4, num_channels=1, rank=0, world_size=1, sample_keys=(),
