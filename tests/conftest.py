@@ -12,9 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 
-# Small, fast, and still a real run: 2 ranks, a tiny ViT, a few steps.
+# Small, fast, and still a real run: 2 ranks, a tiny ViT, a few steps. No DataLoader workers: a
+# rank's worker server imports torch again (~4 s of a 2-rank launch's ~15 s on 2 cores). The runs
+# whose subject involves workers (resume and elastic re-cuts, stop signals, Slurm) add WORKERS.
+WORKERS = "data.num_workers=1"
 TINY = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model.num_hidden_layers=2",
-        "data.batch_size=16", "data.num_workers=1", "data.augment=shift", "data.hflip=false",
+        "data.batch_size=16", "data.num_workers=0", "data.augment=shift", "data.hflip=false",
         "data.mean=[0.5]", "data.std=[0.5]", "train.log_every=1", "train.progress_bar=false",
         "optim.warmup_steps=0", "optim.lr=2e-3"]
 # MAE/SimMIM heads to match: a small decoder, SimMIM's stride and blocks for 16x16 images of 4x4 patches.

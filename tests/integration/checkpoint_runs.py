@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import PRETRAIN, ROOT, TINY, run_env, shard_overrides
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, run_env, shard_overrides
 
 _CACHE: dict[str, object] = {}
 
@@ -39,7 +39,7 @@ EMA = ["train.ema_decay=0.9"]
 
 
 def common(shards: Path, stage: int, slow_save: bool = False) -> list[str]:
-    return [*TINY, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
+    return [*TINY, WORKERS, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
             f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true", *EMA,
             *(SLOW_SAVE if slow_save else [])]
 

@@ -128,9 +128,10 @@ def test_zero3_engine_step_keeps_its_linear_to_itself():
 
 def test_roofline_suite(tmp_path):
     result = bench(tmp_path, "roofline", "--size", "tiny", "--batch-size", "2", "--repeats", "1", "--warmup", "1",
-                   "--mm-size", "128", "--mm-repeats", "1", "--precisions", "fp32", "bf16", "--threads", "1")
-    expected = {"fp32": {"ours_fwd_bwd", "ours_train_step", "ours_compiled_fwd_bwd", "timm_fwd_bwd"}}
-    expected["bf16"] = expected["fp32"] | {"ours_bf16_weights_fwd_bwd"}  # as DeepSpeed's bf16 mode holds it
+                   "--mm-size", "128", "--mm-repeats", "1", "--precisions", "bf16", "--threads", "1")
+    # bf16 only: its contenders are fp32's plus one (each precision compiles the model once, ~15 s)
+    expected = {"bf16": {"ours_fwd_bwd", "ours_train_step", "ours_compiled_fwd_bwd", "timm_fwd_bwd",
+                         "ours_bf16_weights_fwd_bwd"}}  # the last: weights held in bf16, as DeepSpeed's bf16 mode does
     for precision, names in expected.items():
         figures = result["precisions"][precision]
         assert figures["matmul_gflop_per_s"] > 0 and figures["gflop_per_step"] > 0

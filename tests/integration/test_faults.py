@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_runs import ledger_steps
-from conftest import PRETRAIN, ROOT, TINY, run_env, shard_overrides
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, run_env, shard_overrides
 from pipeline.checkpoint import complete_checkpoints, step_of
 
 SEED = int(os.environ.get("PIPELINE_FAULT_SEED", time.time_ns() % 2**32))
@@ -199,7 +199,7 @@ def assert_checkpoints_sound(out: Path) -> None:
 def killed_mid_save(tmp_path_factory, digits_shards) -> tuple[Run, dict]:
     """kill -9 of rank 0's trainer while a checkpoint is being written (every 2 steps)."""
     out = tmp_path_factory.mktemp("faults") / "killed"
-    run = start(out, base(digits_shards, *SLOW_SAVE, "checkpoint.every_steps=2", "checkpoint.keep_last=10"))
+    run = start(out, base(digits_shards, WORKERS, *SLOW_SAVE, "checkpoint.every_steps=2", "checkpoint.keep_last=10"))
     run.until(lambda: len(complete_steps(out)) >= 1, "the first checkpoint")
     for _ in range(20):  # wait for a save and kill while it is unfinished; else wait for the next one
         before = set(complete_steps(out))
@@ -237,7 +237,7 @@ def test_rerun_resumes_the_newest_complete_checkpoint_and_ctrl_c_saves_and_exits
     first, _ = killed_mid_save
     newest = complete_steps(first.out)[-1]
     assert newest not in killed_mid_save[1]["killed_saves"]  # the save that was killed has no marker
-    run = start(first.out, base(digits_shards, *SLOW_SAVE, "checkpoint.keep_last=10"))
+    run = start(first.out, base(digits_shards, WORKERS, *SLOW_SAVE, "checkpoint.keep_last=10"))
     run.until(lambda: f"resumed from {first.out}/checkpoints/step-{newest} at step {newest}" in run.log,
               f"the resume from step-{newest}")
     at = newest + RNG.randint(1, 6)

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_DECODER, ledger, metrics, shard_overrides
+from conftest import TINY, TINY_DECODER, WORKERS, ledger, metrics, shard_overrides
 from slurm_cluster import FINISHED, REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 CONFIG = "configs/digits_tiny.yaml"
 
 
 def train_args(shards: Path, max_steps: int, *extra: str) -> list[str]:
-    return [*TINY, *shard_overrides(shards), "data.ledger=true", f"train.max_steps={max_steps}", *extra]
+    return [*TINY, WORKERS, *shard_overrides(shards), "data.ledger=true", f"train.max_steps={max_steps}", *extra]
 
 
 def job_env(**extra: str) -> dict:
@@ -123,58 +123,45 @@ def test_cluster_has_two_nodes(slurm_cluster):
     assert tasks == [["0", "n1"], ["1", "n2"]]
 
 
-@pytest.mark.timeout(240)
-def test_two_node_job_trains_to_the_end(slurm_cluster, digits_shards):
-    """`sbatch --nodes=2 slurm/pretrain.sbatch CONFIG k=v ...` with the defaults a user gets: the
-    run directory runs/<job name>-<job id>/ and the output file slurm-<job name>-<job id>.out."""
-    name = "test-slurm-e2e"
-    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, 20), env=job_env(),
+@pytest.mark.timeout(300)
+def test_usr1_checkpoints_requeues_and_resumes_from_that_checkpoint(slurm_cluster, digits_shards):
+    """`sbatch --nodes=2 slurm/pretrain.sbatch CONFIG k=v ...` with the defaults a user gets (the run
+    directory runs/<job name>-<job id>/, the output file slurm-<job name>-<job id>.out), one rank per
+    node; Slurm's warning (USR1) mid-run, the requeue, and the requeued job trains to the end."""
+    name, max_steps = "test-slurm-e2e", 60  # more than one epoch (50 steps of 2 x 16 samples): the data stream resumes across one
+    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, max_steps), env=job_env(),
                                sbatch_args=("--nodes=2", f"--job-name={name}"))
     run_dir = REPO / "runs" / f"{name}-{job}"
     output = REPO / f"slurm-{name}-{job}.out"
     try:
         watch = Watch(slurm_cluster, job, run_dir)
-        info, out = watch.until_finished(timeout=200)
-        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", out
+        watch.until_steps(2, timeout=150)
+        slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@N does
+        # What the first run left, read while the requeued job waits to start (5 s at least).
+        slurm_cluster.wait_job(job, lambda j: j.get("Restarts") == "1", timeout=120, what="requeue", poll=0.2)
+        first = {rank: (run_dir / "ledger" / f"rank{rank}.jsonl").read_text().splitlines() for rank in (0, 1)}
+        info, out = watch.until_finished(timeout=240)
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
         assert Path(info["StdOut"]) == output and (run_dir / "slurm.out").resolve() == output
-        assert "procs/node=1 rendezvous=n1:" in out and "training finished" in out
+        assert "procs/node=1 rendezvous=n1:" in out
         assert sorted(watch.nodes) == [0, 1] and sorted(watch.nodes.values()) == ["n1", "n2"], watch.nodes
-        assert_each_step_once(run_dir, 20)
-        assert_checkpoints(run_dir, [20])
+        assert "got SIGUSR1" in out and "exited 75: requeueing" in out
+        stopped = stop_step(out, "SIGUSR1")
+        assert 2 <= stopped < max_steps, out
+        # The first run trained up to the step it saved and no further, and the requeued run (same job
+        # id, same run directory) started from that checkpoint: no step trained twice, none skipped.
+        resumed = re.findall(r"resumed from (\S+) at step (\d+)", out)
+        assert resumed == [(str(run_dir / "checkpoints" / f"step-{stopped}"), str(stopped))], out
+        for rank in (0, 1):
+            assert [json.loads(line)["step"] for line in first[rank]] == list(range(1, stopped + 1))
+            assert (run_dir / "ledger" / f"rank{rank}.jsonl").read_text().splitlines()[:stopped] == first[rank]
+        assert out.count("restart 1] training finished") == 1
+        assert_each_step_once(run_dir, max_steps)
+        assert_checkpoints(run_dir, [stopped, max_steps])
         assert (run_dir / "config.yaml").is_file() and (run_dir / "exit_status").read_text().strip() == "0"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
         output.unlink(missing_ok=True)
-
-
-@pytest.mark.timeout(300)
-def test_usr1_checkpoints_requeues_and_resumes_from_that_checkpoint(slurm_cluster, digits_shards, tmp_path):
-    run_dir = tmp_path / "run"
-    max_steps = 60  # more than one epoch (50 steps of 2 x 16 samples): the data stream resumes across one
-    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, max_steps),
-                               env=job_env(RUN_DIR=str(run_dir)),
-                               sbatch_args=("--nodes=2", f"--output={tmp_path}/slurm-%j.out"))
-    watch = Watch(slurm_cluster, job, run_dir)
-    watch.until_steps(2, timeout=150)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@N does
-    # What the first run left, read while the requeued job waits to start (5 s at least).
-    slurm_cluster.wait_job(job, lambda j: j.get("Restarts") == "1", timeout=120, what="requeue", poll=0.2)
-    first = {rank: (run_dir / "ledger" / f"rank{rank}.jsonl").read_text().splitlines() for rank in (0, 1)}
-    info, out = watch.until_finished(timeout=240)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", out
-    assert "got SIGUSR1" in out and "exited 75: requeueing" in out
-    stopped = stop_step(out, "SIGUSR1")
-    assert 2 <= stopped < max_steps, out
-    # The first run trained up to the step it saved and no further, and the requeued run (same job
-    # id, same run directory) started from that checkpoint: no step trained twice, none skipped.
-    resumed = re.findall(r"resumed from (\S+) at step (\d+)", out)
-    assert resumed == [(str(run_dir / "checkpoints" / f"step-{stopped}"), str(stopped))], out
-    for rank in (0, 1):
-        assert [json.loads(line)["step"] for line in first[rank]] == list(range(1, stopped + 1))
-        assert (run_dir / "ledger" / f"rank{rank}.jsonl").read_text().splitlines()[:stopped] == first[rank]
-    assert out.count("restart 1] training finished") == 1
-    assert_each_step_once(run_dir, max_steps)
-    assert_checkpoints(run_dir, [stopped, max_steps])
 
 
 @pytest.mark.timeout(120)

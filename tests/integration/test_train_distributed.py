@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, ROOT, TINY, metrics, run_env, shard_overrides, torchrun
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, metrics, run_env, shard_overrides, torchrun
 from guarded_pretrain import findings
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
@@ -42,7 +42,8 @@ def deepspeed_reads_per_step(report: dict, steps: range) -> int:
 
 # The DeiT recipe's data pieces (RandAugment in the workers, repeated augmentation, erasing and
 # mixup/cutmix on the device), riding on the ZeRO-2 bf16 run: the guard covers them too.
-AUGMENTATIONS = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2", "data.reprob=0.25",
+# RandAugment runs in the DataLoader workers: this run has one per rank (TINY has none).
+AUGMENTATIONS = [WORKERS, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2", "data.reprob=0.25",
                  "data.recount=2", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_mode=elem"]
 
 
