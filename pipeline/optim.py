@@ -77,6 +77,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float, *, layer_decay: fl
     return sorted(groups.values(), key=lambda group: -group["lr_scale"])
 
 
+def optim_groups(cfg: OptimConfig) -> dict:
+    """What of the optimizer config shapes its parameter groups (kept in a checkpoint's marker; a
+    resume with other values is refused, see ``checkpoint.plan_resume``)."""
+    return {"layer_decay": cfg.layer_decay}
+
+
 def optimizer_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """The config's groups: ``param_groups`` with optim.weight_decay, optim.layer_decay, optim.lr."""
     return param_groups(model, cfg.weight_decay, layer_decay=cfg.layer_decay, lr=cfg.lr)

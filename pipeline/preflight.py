@@ -34,6 +34,7 @@ from pipeline.data.elastic import keep_global_batch_accum
 from pipeline.data.remote import IoOptions
 from pipeline.data.sources import Shard, resolve_shards
 from pipeline.distributed.env import DistributedEnv
+from pipeline.optim import optim_groups
 from pipeline.storage import check_writable
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ def preflight(cfg: Config, env: DistributedEnv, *, shape_fields: tuple[str, ...]
     resume_dir = checkpoint.resolve_resume(cfg.checkpoint.resume, output_dir, overwrite=cfg.checkpoint.overwrite)
     plan = checkpoint.plan_resume(resume_dir, model_config=dataclasses.asdict(cfg.model),
                                   world_size=env.world_size, zero_stage=cfg.train.zero_stage,
-                                  shape_fields=shape_fields, objective=cfg.train.objective)
+                                  shape_fields=shape_fields, objective=cfg.train.objective,
+                                  optim_groups=optim_groups(cfg.optim))
     if plan is not None:
         resume_global_batch(cfg, plan.marker, world_size=env.world_size, report=env.is_main)
     io = IoOptions.from_config(cfg.data)  # remote shards: HEAD-checked here, before the process group

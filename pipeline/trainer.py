@@ -36,7 +36,7 @@ from pipeline.evaluation import evaluate
 from pipeline.heap import keep_heap
 from pipeline.init_from import starting_weights
 from pipeline.metrics import Progress, build_metrics_writer, device_peak_flops
-from pipeline.optim import apply_current_schedule, resolve_schedule
+from pipeline.optim import apply_current_schedule, optim_groups, resolve_schedule
 from pipeline.preemption import StopFlag
 from pipeline.preflight import Preflight, preflight
 from pipeline.probe import build_probe
@@ -279,7 +279,8 @@ class Trainer:
         marker = {"world_size": self.env.world_size, "zero_stage": self.cfg.train.zero_stage,
                   "precision": self.cfg.train.precision, "config_hash": self.cfg.hash(),
                   "task": self.task.name, "model": dataclasses.asdict(self.cfg.model),
-                  "global_batch": self.images_per_step}  # data.keep_global_batch reads it on a resume
+                  "global_batch": self.images_per_step,  # data.keep_global_batch reads it on a resume
+                  "optim_groups": optim_groups(self.cfg.optim)}  # a resume with other groups is refused
         with self.ema.saved_with(client_state) if self.ema is not None else contextlib.nullcontext():
             tag_dir = checkpoint.save(self.engine, output_dir=self.output_dir, step=self.step,
                                       client_state=client_state, marker_info=marker,

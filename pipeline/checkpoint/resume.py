@@ -60,7 +60,8 @@ class ResumePlan:
 
 
 def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, world_size: int,
-                shape_fields: tuple[str, ...], objective: str | None = None) -> ResumePlan | None:
+                shape_fields: tuple[str, ...], objective: str | None = None,
+                optim_groups: dict | None = None) -> ResumePlan | None:
     """Check a checkpoint against this run before any weights are touched; ``shape_fields`` are the
     model fields the task's weights depend on (``Task.shape_fields``). The objective comes first:
     another objective's weights differ in more than shape, and naming its fields would send the
@@ -91,9 +92,28 @@ def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, wo
     if marker.get("zero_stage") != zero_stage:
         raise CheckpointError(f"checkpoint '{tag_dir}' was saved with ZeRO-{marker.get('zero_stage')} but "
                               f"train.zero_stage={zero_stage}; resume with train.zero_stage={marker.get('zero_stage')}")
+    refuse_other_groups(tag_dir, marker.get("optim_groups"), optim_groups)
     universal = marker.get("world_size") != world_size and zero_stage > 0
     return ResumePlan(tag_dir=tag_dir, marker=marker, universal=universal)
 
+
+
+def refuse_other_groups(tag_dir: Path, saved: dict | None, config: dict | None) -> None:
+    """optim.layer_decay makes the optimizer's parameter groups and puts each group's LR scale in the
+    optimizer state: another value would not load (layer decay on or off: DeepSpeed's flat groups
+    differ) or would load the old scales silently (another factor). Checkpoints older than this
+    record (no "optim_groups") are not checked."""
+    if saved is None or config is None:
+        return
+    for key in sorted(set(saved) | set(config)):
+        if saved.get(key) != config.get(key):
+            def show(value):
+                return "null" if value is None else value
+            raise CheckpointError(
+                f"checkpoint '{tag_dir}' was saved with optim.{key}={show(saved.get(key))} but the config has "
+                f"optim.{key}={show(config.get(key))}: the optimizer's parameter groups and their LR scales are in "
+                f"its state; resume with optim.{key}={show(saved.get(key))}, or start from its weights with "
+                f"train.init_from={tag_dir} and another train.output_dir")
 
 
 def convert_to_universal(tag_dir: Path, root: Path) -> Path:

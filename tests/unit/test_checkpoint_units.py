@@ -376,3 +376,27 @@ def test_old_checkpoints_go_in_the_background_never_during_a_save(tmp_path, no_d
     ckpt.wait_for_prune()
     assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "checkpoints")] == ["step-3", "step-4"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step-3", "step-4"]
+
+
+def test_plan_refuses_other_optimizer_groups_in_one_line(tmp_path):
+    """optim.layer_decay on, off or another factor: DeepSpeed's load failed with a traceback (on/off),
+    or the old LR scales came back with the optimizer state (another factor)."""
+    tag = make(tmp_path, 5)
+    marker = json.loads((tag / COMPLETE).read_text())
+    ckpt.write_marker(tag, {**marker, "optim_groups": {"layer_decay": None}})
+    with pytest.raises(CheckpointError) as error:
+        ckpt.plan_resume(tag, model_config=MODEL, zero_stage=2, world_size=2, shape_fields=SHAPE,
+                         optim_groups={"layer_decay": 0.75})
+    message = str(error.value)
+    assert "saved with optim.layer_decay=null but the config has optim.layer_decay=0.75" in message, message
+    assert "resume with optim.layer_decay=null" in message and "train.init_from=" in message
+    assert "\n" not in message
+    ckpt.write_marker(tag, {**marker, "optim_groups": {"layer_decay": 0.65}})
+    with pytest.raises(CheckpointError, match=r"optim.layer_decay=0.65 but the config has optim.layer_decay=0.75"):
+        ckpt.plan_resume(tag, model_config=MODEL, zero_stage=2, world_size=2, shape_fields=SHAPE,
+                         optim_groups={"layer_decay": 0.75})
+    assert ckpt.plan_resume(tag, model_config=MODEL, zero_stage=2, world_size=2, shape_fields=SHAPE,
+                            optim_groups={"layer_decay": 0.65}).step == 5
+    # a checkpoint from before the record: not checked
+    assert ckpt.plan_resume(make(tmp_path / "old", 5), model_config=MODEL, zero_stage=2, world_size=2,
+                            shape_fields=SHAPE, optim_groups={"layer_decay": 0.75}).step == 5
