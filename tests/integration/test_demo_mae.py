@@ -62,12 +62,12 @@ def test_demo_command_line():
 
 
 def test_mae_demo_config_trains_and_its_encoder_is_probed(tmp_path, digits_shards):
-    """configs/digits_mae.yaml as shipped (2 ranks, ZeRO-2, bf16, labels ignored) for 4 steps with an
-    evaluation (reconstruction loss and k-NN), then the demo's probes of its encoder and a random one."""
+    """configs/digits_mae.yaml as shipped (2 ranks, ZeRO-2, labels ignored) but in fp32, for 4 steps with
+    an evaluation (reconstruction loss and k-NN), then the demo's probes of its encoder and a random one."""
     out = tmp_path / "mae"
     done = torchrun(2, [*shard_overrides(digits_shards), f"train.output_dir={out}", "train.max_steps=4",
                         "train.eval_every=4", "train.log_every=2", "checkpoint.every_steps=4",
-                        "train.progress_bar=false"], config=str(ROOT / "configs/digits_mae.yaml"))
+                        "train.progress_bar=false", "train.precision=fp32"], config=str(ROOT / "configs/digits_mae.yaml"))
     assert done.returncode == 0, done.stderr[-3000:]
     train_rows, evaluation = metrics(out, "val_knn_top1")
     assert [r["step"] for r in train_rows] == [2, 4] and len(evaluation) == 1
@@ -79,3 +79,8 @@ def test_mae_demo_config_trains_and_its_encoder_is_probed(tmp_path, digits_shard
     # into a 100-step warm-up the encoder has barely moved: it stays at that baseline.
     assert random_init["knn_top1"] > 0.5 and random_init["linear_top1"] > 0.75, random_init
     assert all(random_init[k] - 0.1 <= pretrained[k] <= 1.0 for k in pretrained), (pretrained, random_init)
+    # The demo prints two k-NN figures for the final encoder: the trainer's at the last evaluation
+    # and this one, recomputed in one process from that step's checkpoint. The same probe, bank,
+    # transform and features: in fp32 they are equal (0.6760 both, measured); the demo trains in bf16,
+    # whose rounding of the engine's weights and activations moves a few votes (README, demo output).
+    assert pretrained["knn_top1"] == evaluation[-1]["val_knn_top1"], (evaluation[-1], pretrained)
