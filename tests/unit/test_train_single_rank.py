@@ -248,3 +248,31 @@ def test_epochs_blr_layer_decay_and_drop_path_in_a_run(one_rank_group, tmp_path,
     rows, _ = metrics(tmp_path)
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, per_epoch + 1))
     assert max(row["lr"] for row in rows if "lr" in row) == pytest.approx(2e-3)  # group 0: scale 1
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_async_saves_fall_back_to_synchronous_where_the_node_cannot_hold_the_staging(one_rank_group, stage,
+                                                                                    monkeypatch, caplog):
+    """checkpoint.async on a node whose available memory (MemAvailable) is below what staging needs:
+    a warning naming both figures, and synchronous saves (no writer). With room: the writer, and
+    the figure reported at start. The engine is DeepSpeed's, the decision the trainer's own."""
+    import logging
+
+    import torch.distributed as dist
+
+    from pipeline import checkpoint
+    from pipeline.checkpoint import background, staging
+
+    engine = make_engine(tiny_cfg(f"train.zero_stage={stage}", "checkpoint.async=true"))
+    need = staging.estimate_staging_bytes(engine, 1)
+    assert need >= 4 * sum(p.numel() for p in build_model(tiny_cfg().model).parameters())  # fp32 master at least
+    group = dist.new_group(backend="gloo")
+    with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
+        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / 0.8) - 1)  # a node just too small
+        assert checkpoint.plan_background(engine, one_rank_group, group=group) is None
+        assert "saving synchronously instead" in caplog.text and "available" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / 0.8) + 1)
+        writer = checkpoint.plan_background(engine, one_rank_group, group=group)
+    assert isinstance(writer, background.BackgroundWriter)
+    assert "saves are staged in" in caplog.text and "synchronously" not in caplog.text
