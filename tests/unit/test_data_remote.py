@@ -183,6 +183,25 @@ def test_missing_bucket_key_and_manifest_are_one_line_user_errors(store):
             resolve_shards(f"{http}/missing/train-000000.tar", f"{http}/manifest.json", io=io)
 
 
+def test_a_refused_credential_is_a_one_line_user_error(store):
+    """moto checks signatures once told to (its own HTTP API, /moto-api/reset-auth): the test's
+    access key is then unknown to it, as a revoked or mistyped key is to S3."""
+    import requests
+
+    base, proxy, _ = store
+    io = io_options(retries=3)
+    host, port = proxy.upstream
+    reset = f"http://{host}:{port}/moto-api/reset-auth"
+    assert requests.post(reset, data=b"0", timeout=10).ok  # every request from now on is authenticated
+    try:
+        with pytest.raises(DataError) as raised:
+            resolve_shards(f"{base}/train-000000.tar", io=io)
+    finally:
+        assert requests.post(reset, data=b"inf", timeout=10).ok
+    message = str(raised.value)
+    assert "the access key is refused" in message and "AWS" in message and "\n" not in message, message
+
+
 def test_cache_fills_is_reused_evicts_and_refetches_a_truncated_shard(store, tmp_path):
     base, proxy, local = store
     cache = tmp_path / "cache"
