@@ -18,7 +18,7 @@ from .remote import IoOptions
 from .sources import Shard, resolve_shards
 from .stages import DecodeSample, DropConsumed, EvalBatches, SkipBad, SliceReader
 from .transforms import check_channels, eval_transform
-from .worker import init_worker, worker_context
+from .worker import init_worker, private_generator, worker_context
 
 
 class EvalStream(IterableDataset):
@@ -63,7 +63,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, in_order=True,
-                            worker_init_fn=init_worker,
+                            worker_init_fn=init_worker, generator=private_generator(),
                             multiprocessing_context=worker_context(self.num_workers))
         self.skipped, iterator = 0, iter(loader)
         for expected in range(self.num_batches):

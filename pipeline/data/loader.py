@@ -39,7 +39,7 @@ from .sources import Shard, resolve_shards
 from .stages import (DecodeSample, DropConsumed, Refill, SkipBad, SliceReader, TrainBatches, replayed_positions,
                      seeded_shuffle)
 from .transforms import check_channels, train_transform
-from .worker import init_worker, worker_context
+from .worker import init_worker, private_generator, worker_context
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class TrainLoader:
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed, ring)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
                             prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,
-                            worker_init_fn=init_worker,
+                            worker_init_fn=init_worker, generator=private_generator(),
                             multiprocessing_context=worker_context(self.num_workers))
         expected = self.stream.normalized(self.epoch, self.batches)
         iterator = self._iterator = iter(loader)

@@ -25,6 +25,18 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def private_generator():
+    """The ``generator`` of the training and evaluation DataLoaders. A DataLoader draws its workers'
+    base seed when an iterator starts (each epoch, each evaluation), from the global torch RNG unless
+    given its own; a resume starts its iterator at another point of that RNG's stream than the
+    uninterrupted run did, and drop path, which draws from it, then masked other paths (measured:
+    the losses after a resume differed from step 1 on). Workers seed themselves per sample, so this
+    base seed is never used for data."""
+    import torch
+
+    return torch.Generator()
+
+
 def init_worker(worker_id: int) -> None:
     """``worker_init_fn`` of the training and evaluation DataLoaders."""
     ignore_stop_signals()

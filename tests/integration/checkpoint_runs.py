@@ -38,10 +38,19 @@ SLOW_SAVE = ["model.hidden_size=256", "model.intermediate_size=1024", "model.num
 EMA = ["train.ema_decay=0.9"]
 
 
+# The slow-save runs (the ZeRO-2 preemption pair, the async kill -9 chain and their uninterrupted
+# twin) train DeiT's whole recipe (configs/imagenet_deit_b16.yaml): RandAugment in the workers,
+# mixup/cutmix with smoothed targets, random erasing on the device, repeated augmentation x3 and
+# drop path, beside the EMA; their resumes are bitwise with every piece's randomness in play.
+DEIT = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_prob=1.0",
+        "data.mixup_switch_prob=0.5", "data.mixup_mode=batch", "data.reprob=0.25", "data.remode=pixel",
+        "data.recount=1", "data.aug_repeats=3", "model.drop_path_rate=0.1", "train.label_smoothing=0.1"]
+
+
 def common(shards: Path, stage: int, slow_save: bool = False) -> list[str]:
     return [*TINY, WORKERS, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
             f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true", *EMA,
-            *(SLOW_SAVE if slow_save else [])]
+            *([*SLOW_SAVE, *DEIT] if slow_save else [])]
 
 
 @dataclass
