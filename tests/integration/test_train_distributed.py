@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, ROOT, TINY, WORKERS, metrics, run_env, shard_overrides, torchrun
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, ledger, metrics, run_env, shard_overrides, torchrun
 from guarded_pretrain import findings
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
@@ -43,8 +43,10 @@ def deepspeed_reads_per_step(report: dict, steps: range) -> int:
 # The DeiT recipe's data pieces (RandAugment in the workers, repeated augmentation, erasing and
 # mixup/cutmix on the device), riding on the ZeRO-2 bf16 run: the guard covers them too.
 # RandAugment runs in the DataLoader workers: this run has one per rank (TINY has none).
+# It trains two epochs (25 steps of 2 x 32 each): one cycle of aug_repeats=2, which its ledger checks.
 AUGMENTATIONS = [WORKERS, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2", "data.reprob=0.25",
-                 "data.recount=2", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_mode=elem"]
+                 "data.recount=2", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_mode=elem", "train.max_steps=50",
+                 "data.ledger=true"]
 
 
 # Every stage and both precisions, each stage once: the other pairs run elsewhere with the same
@@ -55,13 +57,14 @@ AUGMENTATIONS = [WORKERS, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_re
                          ids=["0-bf16", "1-fp32", "2-bf16-augmented", "3-fp32"])
 def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precision, extra):
     out = tmp_path / "run"
+    steps = 50 if extra else 30
     # Rows every 5 steps, evaluation at 10, checkpoints at 15: steps in between are steady-state steps.
     # An EMA of the weights is on: its update runs in every steady-state step, under the guard.
     result = torchrun(2, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={out}",
                           "train.ema_decay=0.95", "train.ema_warmup=true",
                           f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=30", "optim.lr=3e-3", "data.batch_size=32",
                           "model.activation_checkpointing=every-2", "train.log_every=5", "train.eval_every=10",
-                          "checkpoint.every_steps=15", *extra], script=GUARDED)
+                          "checkpoint.every_steps=15", *extra], script=GUARDED)  # extra's max_steps comes last
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "exit_status").read_text().strip() == "0"
     # every collective of the device's group got device tensors, and our code never waits for the
@@ -69,20 +72,29 @@ def test_two_ranks_train_every_zero_stage(tmp_path, digits_shards, stage, precis
     # faults to show that this check fails when it should
     assert findings(out, whole_step=stage == 0) == []
     for report in guard_reports(out):
-        assert deepspeed_reads_per_step(report, range(3, 31)) == DEEPSPEED_READS_PER_STEP[stage]
+        assert deepspeed_reads_per_step(report, range(3, steps + 1)) == DEEPSPEED_READS_PER_STEP[stage]
     train_rows, val_rows = metrics(out)
-    assert [r["step"] for r in train_rows] == list(range(5, 31, 5))
+    assert [r["step"] for r in train_rows] == list(range(5, steps + 1, 5))
     losses = [r["loss"] for r in train_rows]
     if extra:  # mixed soft targets and heavy augmentation: 30 steps show no trend, only a sane loss
         assert all(0 < loss < 3 for loss in losses), losses
     else:
         assert losses[-1] < losses[0] - 0.03, losses  # means over steps 26-30 vs 1-5: a ViT leaves chance slowly
     assert val_rows and val_rows[-1]["val_samples"] > 0
-    assert [r["step"] for r in val_rows] == [10, 20, 30] and all(0 <= r["val_top1_ema"] <= 1 for r in val_rows)
+    assert [r["step"] for r in val_rows] == list(range(10, steps + 1, 10)) and all(0 <= r["val_top1_ema"] <= 1 for r in val_rows)
     assert 0 < train_rows[-1]["samples_per_s"] and 0 <= train_rows[-1]["data_wait_fraction"] <= 1
     assert train_rows[-1]["mfu"] > 0 and train_rows[-1]["grad_norm"] > 0
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
-    assert (out / "checkpoints" / "step-30" / "COMPLETE").is_file()
+    assert (out / "checkpoints" / f"step-{steps}" / "COMPLETE").is_file()
+    if extra:  # DeiT's repeated augmentation over one cycle (2 epochs): 1,600 distinct samples (the
+        # epoch's length in samples), each exactly twice, its two copies on the two ranks at one step
+        copies = {}
+        for rank in (0, 1):
+            for line in ledger(out, rank):
+                for key in line["keys"]:
+                    copies.setdefault(key, []).append((rank, line["step"]))
+        assert len(copies) == 25 * 64 and all(len(c) == 2 for c in copies.values())
+        assert all({rank for rank, _ in c} == {0, 1} and c[0][1] == c[1][1] for c in copies.values())
 
 
 def test_conflicting_deepspeed_key_is_refused_before_training(tmp_path, digits_shards):
