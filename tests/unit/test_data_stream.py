@@ -311,3 +311,17 @@ def test_a_buffer_is_reused_only_after_its_release():
     slot, buffer = ring.claim(1)  # batch 4 -> buffer 0
     assert slot == 0 and buffer.data_ptr() == ring.buffers[1, 0].data_ptr() and buffer.is_shared()
     assert ring.claim(0)[0] == 0  # workers count their own batches
+
+
+def test_starting_the_loaders_leaves_the_global_torch_rng_alone(tmp_path):
+    """A DataLoader draws its workers' base seed when an iterator starts (each epoch, each evaluation);
+    from the global RNG, that draw came at another point of a resumed run than of the uninterrupted
+    one, and drop path (which draws from it) masked other paths after every resume."""
+    pattern = write_tiny_shards(tmp_path / "train")
+    val = write_tiny_shards(tmp_path / "val", prefix="val")
+    cfg = data_cfg(pattern, num_workers=0, val_shards=val, eval_batch_size=4, crop_pct=1.0, augment="none")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    take(build(cfg, rank=0, world_size=1), 7)  # into a second epoch: two iterators
+    list(build_eval_loader(cfg, image_size=8, num_channels=1, rank=0, world_size=1))
+    assert torch.equal(torch.get_rng_state(), before)
