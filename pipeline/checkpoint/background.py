@@ -124,6 +124,11 @@ class BackgroundWriter:
             log.warning("background checkpoint write %s: %s", self._tag, error)
 
 
+# The share of a node's available memory that staging may take: training's own memory grows after
+# the first steps, and the page cache of the write needs room too.
+STAGING_SHARE = 0.8
+
+
 def plan_background(engine: Any, env: Any, *, group: Any) -> BackgroundWriter | None:
     """The writer for ``checkpoint.async``, after saying how much host memory its staging takes; or
     None (synchronous saves, with a warning) where a node cannot hold it. Every rank takes the same
@@ -131,9 +136,7 @@ def plan_background(engine: Any, env: Any, *, group: Any) -> BackgroundWriter | 
     need = estimate_staging_bytes(engine, env.world_size)
     node_need = need * env.local_world_size
     available = available_host_bytes()
-    # A margin: training's own memory grows after the first steps, and the page cache of the
-    # write needs room too.
-    fits = available is None or node_need <= 0.8 * available
+    fits = available is None or node_need <= STAGING_SHARE * available
     agreed = torch.tensor([int(fits)], dtype=torch.int64)
     dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
     gb = 1 << 30

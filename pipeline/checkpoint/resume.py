@@ -97,7 +97,6 @@ def plan_resume(tag_dir: Path | None, *, model_config: dict, zero_stage: int, wo
     return ResumePlan(tag_dir=tag_dir, marker=marker, universal=universal)
 
 
-
 def refuse_other_groups(tag_dir: Path, saved: dict | None, config: dict | None) -> None:
     """optim.layer_decay makes the optimizer's parameter groups and puts each group's LR scale in the
     optimizer state: another value would not load (layer decay on or off: DeepSpeed's flat groups
@@ -106,14 +105,12 @@ def refuse_other_groups(tag_dir: Path, saved: dict | None, config: dict | None) 
     if saved is None or config is None:
         return
     for key in sorted(set(saved) | set(config)):
-        if saved.get(key) != config.get(key):
-            def show(value):
-                return "null" if value is None else value
+        was, now = (("null" if v is None else v) for v in (saved.get(key), config.get(key)))  # as YAML writes None
+        if was != now:
             raise CheckpointError(
-                f"checkpoint '{tag_dir}' was saved with optim.{key}={show(saved.get(key))} but the config has "
-                f"optim.{key}={show(config.get(key))}: the optimizer's parameter groups and their LR scales are in "
-                f"its state; resume with optim.{key}={show(saved.get(key))}, or start from its weights with "
-                f"train.init_from={tag_dir} and another train.output_dir")
+                f"checkpoint '{tag_dir}' was saved with optim.{key}={was} but the config has optim.{key}={now}: the "
+                f"optimizer's parameter groups and their LR scales are in its state; resume with optim.{key}={was}, "
+                f"or start from its weights with train.init_from={tag_dir} and another train.output_dir")
 
 
 def convert_to_universal(tag_dir: Path, root: Path) -> Path:

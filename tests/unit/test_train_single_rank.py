@@ -268,11 +268,11 @@ def test_async_saves_fall_back_to_synchronous_where_the_node_cannot_hold_the_sta
     assert need >= 4 * sum(p.numel() for p in build_model(tiny_cfg().model).parameters())  # fp32 master at least
     group = dist.new_group(backend="gloo")
     with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
-        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / 0.8) - 1)  # a node just too small
+        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / background.STAGING_SHARE) - 1)  # a node just too small
         assert checkpoint.plan_background(engine, one_rank_group, group=group) is None
         assert "saving synchronously instead" in caplog.text and "available" in caplog.text
         caplog.clear()
-        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / 0.8) + 1)
+        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / background.STAGING_SHARE) + 1)
         writer = checkpoint.plan_background(engine, one_rank_group, group=group)
     assert isinstance(writer, background.BackgroundWriter)
     assert "saves are staged in" in caplog.text and "synchronously" not in caplog.text
