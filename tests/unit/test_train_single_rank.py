@@ -268,7 +268,8 @@ def test_async_saves_fall_back_to_synchronous_where_the_node_cannot_hold_the_sta
     assert need >= 4 * sum(p.numel() for p in build_model(tiny_cfg().model).parameters())  # fp32 master at least
     group = dist.new_group(backend="gloo")
     with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
-        monkeypatch.setattr(background, "available_host_bytes", lambda: int(need / background.STAGING_SHARE) - 1)  # a node just too small
+        just_too_small = int(need / background.STAGING_SHARE) - 1
+        monkeypatch.setattr(background, "available_host_bytes", lambda: just_too_small)
         assert checkpoint.plan_background(engine, one_rank_group, group=group) is None
         assert "saving synchronously instead" in caplog.text and "available" in caplog.text
         caplog.clear()
