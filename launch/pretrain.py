@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         dump_config(cfg, "/dev/stdout")
         return 0
     set_torch_threads(num_workers=cfg.data.num_workers, local_world_size=env.local_world_size)
+    from pipeline.data.worker import start_worker_server
+
+    start_worker_server(cfg.data.num_workers, fork=True)  # now, while no other thread runs: a fork
     threading.excepthook = _quiet_storage_errors
 
     from pipeline.distributed.engine import destroy_process_group, device_for, init_process_group

@@ -72,6 +72,27 @@ def torchrun(nproc: int, overrides: list[str], *, timeout: float = 300, config: 
                           env=env or run_env())
 
 
+def runs_script(pid: int, script: str = "launch/pretrain.py") -> bool:
+    """Whether process ``pid`` is a Python running ``script`` (``python [-u] script ...``; torchrun and
+    launchers that only name it in their arguments are not)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return False
+    program = next((a for a in argv[1:] if not a.startswith("-")), "")
+    return Path(argv[0]).name.startswith("python") and program.endswith(script)
+
+
+def is_trainer(pid: int, script: str = "launch/pretrain.py") -> bool:
+    """A training process: it runs ``script`` and its parent does not. Its DataLoader workers' fork
+    server (forked from it at start) and the workers (forked from the server) run it too."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return runs_script(pid, script) and not runs_script(parent, script)
+
+
 def metrics(output_dir: Path, val_key: str = "val_top1") -> tuple[list[dict], list[dict]]:
     """(training rows, evaluation rows: those with ``val_key``) of a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,8 @@
 """What every DataLoader worker process sets up before it reads its first sample."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -70,8 +72,9 @@ def worker_context(num_workers: int) -> multiprocessing.context.BaseContext | No
     another thread held the interpreter's thread-list lock hung in ``PyOS_AfterFork_Child`` for
     good (seen here: evaluation workers, 4 hung runs in 48 runs of 60 evaluations each; the job
     then sat until the collective timeout; none in 28 such runs with the fork server). The fork
-    server is a fresh single-threaded process started by fork+exec; workers are forked from it,
-    with torch and this package already imported (``SERVER_PRELOAD``)."""
+    server is single-threaded: a fork of the launcher taken before it had other threads
+    (``start_worker_server(fork=True)``), else a fresh process started by fork+exec; workers are
+    forked from it, with torch and this package already imported (``SERVER_PRELOAD``)."""
     return _fork_server() if num_workers > 0 else None
 
 
@@ -81,12 +84,88 @@ def _fork_server() -> multiprocessing.context.BaseContext:
     return context
 
 
-def start_worker_server(num_workers: int) -> None:
-    """Start the fork server now (fork+exec, safe in any process), so that its imports overlap
-    with building the model instead of delaying the first batch; nothing without workers."""
-    from multiprocessing import forkserver
+def start_worker_server(num_workers: int, *, fork: bool = False) -> None:
+    """Start the fork server now, so that its start-up overlaps with building the model instead of
+    delaying the first batch; nothing without workers, nothing if it runs already.
 
-    if worker_context(num_workers) is not None:
-        if threading.current_thread() is threading.main_thread():
-            os.environ[SERVER_PARENT_VAR] = str(os.getpid())
+    ``fork``: the launcher's call, at the start of a rank, before the process group and the model
+    exist. If no other thread runs yet, the server is then a fork of this process, with torch and
+    the data pipeline loaded already, where a fresh interpreter spends ~4 s of CPU importing them
+    again, per rank, at every start. Otherwise (threads running: see worker_context) it is started
+    by fork+exec."""
+    from multiprocessing import forkserver, resource_tracker
+
+    if worker_context(num_workers) is None:
+        return
+    if threading.current_thread() is threading.main_thread():
+        os.environ[SERVER_PARENT_VAR] = str(os.getpid())
+    if fork and _single_threaded():
+        resource_tracker.ensure_running()  # first, as ensure_running does, but as its own small interpreter
+        with _server_forked_from_here():
+            forkserver.ensure_running()
+    else:
         forkserver.ensure_running()
+
+
+def _single_threaded() -> bool:
+    """No other Python thread, and no process group (whose threads are native ones). The native
+    threads torch starts at import wait idle in a pool; a fork never copies a thread."""
+    import torch.distributed as dist
+
+    return threading.active_count() == 1 and not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _server_forked_from_here():
+    """multiprocessing starts its fork server with ``util.spawnv_passfds(python, [-c, command], fds)``;
+    for the duration of ``ensure_running`` that becomes a fork whose child keeps only those
+    descriptors and runs the same command (forkserver.main, which preloads ``SERVER_PRELOAD``: only
+    the server module itself is new to it) and ends with it."""
+    from multiprocessing import util
+
+    def fork_passfds(path, args, passfds):
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 0
+        try:
+            # The trainer's objects stay as they are: a collection here could finalize one and close
+            # a descriptor number the server has since reused.
+            gc.freeze()
+            _close_all_but(set(passfds) | {0, 1, 2})
+            _name_this_process(b"data-server")  # its command line is the trainer's: `top` and `ps -e` tell them apart
+            exec(args[-1], {"__name__": "__pipeline_worker_server__"})  # noqa: S102 - multiprocessing's own command
+        except SystemExit as done:  # forkserver.main ends so when its trainer's "alive" pipe closes
+            code = done.code if isinstance(done.code, int) else 0
+        except BaseException:  # noqa: BLE001 - a server must never go on as a copy of the trainer
+            code = 1
+        finally:
+            os._exit(code)
+
+    spawn = util.spawnv_passfds
+    util.spawnv_passfds = fork_passfds
+    try:
+        yield
+    finally:
+        util.spawnv_passfds = spawn
+
+
+def _name_this_process(name: bytes) -> None:
+    """The kernel's name of this process (``prctl(PR_SET_NAME)``, 15 bytes); the workers it forks inherit it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _close_all_but(keep: set[int]) -> None:
+    """What exec with close_fds does: the server must not hold the trainer's files, sockets or
+    pipes (the write end of its own "alive" pipe among them: it would never see the trainer die)."""
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

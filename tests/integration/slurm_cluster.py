@@ -23,6 +23,8 @@ from typing import Callable
 
 import pytest
 
+from conftest import is_trainer
+
 REPO = Path(__file__).resolve().parents[2]
 LOCAL = REPO / "slurm" / "local"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
@@ -72,7 +74,7 @@ class SlurmCluster:
         path = Path(info.get("StdOut", ""))
         return path.read_text(errors="replace")[-tail:] if path.is_file() else f"(no output at {path})"
 
-    def processes(self, job_id: int, script: str) -> list[dict[str, str]]:
+    def processes(self, job_id: int, script: str, *, trainers_only: bool = False) -> list[dict[str, str]]:
         """The environments of this cluster's job ``job_id``'s Python processes running ``script``.
 
         Both emulated nodes are this machine, so /proc shows every node's processes, and each
@@ -87,6 +89,8 @@ class SlurmCluster:
                 argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
                 if not (Path(argv[0]).name.startswith("python") and any(a.endswith(script) for a in argv)
                         and not any(a.endswith("torchrun_node.py") for a in argv)):
+                    continue
+                if trainers_only and not is_trainer(int(entry.name), script):  # not a data worker or their server
                     continue
                 env = dict(item.split("=", 1) for item in
                            (entry / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)

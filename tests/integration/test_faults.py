@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_runs import ledger_steps
-from conftest import PRETRAIN, ROOT, TINY, WORKERS, run_env, shard_overrides
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, is_trainer, run_env, shard_overrides
 from pipeline.checkpoint import complete_checkpoints, step_of
 
 SEED = int(os.environ.get("PIPELINE_FAULT_SEED", time.time_ns() % 2**32))
@@ -73,8 +73,7 @@ class Run:
         """{rank: pid} of the training processes."""
         found = {}
         for pid, env in processes(self.mark).items():
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if Path(f"/proc/{pid}").exists() else []
-            if any(a.endswith(b"launch/pretrain.py") for a in argv) and b"torch.distributed.run" not in argv:
+            if is_trainer(pid):
                 found[int(env.get("RANK", 0))] = pid
         return found
 

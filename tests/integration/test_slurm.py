@@ -260,7 +260,7 @@ def test_scancel_full_term_checkpoints_requeues_and_no_trainer_outlives_its_step
         assert_checkpoints(run_dir, [stopped])
         assert (run_dir / "exit_status").read_text().strip() == "75"
         watch.until_steps(stopped + 2, timeout=150)  # the requeued job resumed and trains
-        assert len(slurm_cluster.processes(job, "launch/pretrain.py")) == 2
+        assert len(slurm_cluster.processes(job, "launch/pretrain.py", trainers_only=True)) == 2
         # What --full did before, and still does where proctrack/cgroup puts srun in the signalled
         # set: TERM to srun, which SIGKILLs the step's tasks (torchrun_node) but not the trainers,
         # which torchrun starts in sessions of their own.

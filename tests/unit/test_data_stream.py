@@ -269,6 +269,58 @@ def test_workers_come_from_a_fork_server_that_ignores_stop_signals(tmp_path):
         loader.close()
 
 
+_FORKED_SERVER = """
+import json, os, sys, torch
+from multiprocessing import forkserver
+sys.path.insert(0, sys.argv[3])
+from test_data_stream import build, data_cfg, take
+from pipeline.data.worker import start_worker_server
+
+held = open(sys.argv[2], "w")  # a file of the trainer's, which the server must not hold
+start_worker_server(1, fork=True)
+server = forkserver._forkserver._forkserver_pid
+by_workers = take(build(data_cfg(sys.argv[1], num_workers=1), world_size=1), 5)
+in_process = take(build(data_cfg(sys.argv[1], num_workers=0), world_size=1), 5)
+same = all(a["key"] == b["key"] and torch.equal(a["image"], b["image"]) for a, b in zip(by_workers, in_process))
+print(json.dumps({"server": server, "same": same}), flush=True)
+sys.stdin.read()  # until the test kills this process
+"""
+
+
+def test_the_launchers_fork_server_is_a_fork_that_keeps_nothing_of_the_trainer_and_dies_with_it(tmp_path):
+    """launch/pretrain.py starts the workers' server by fork while it has no other thread (the
+    imports are done: ~4 s of CPU per rank saved). The server runs no code of the trainer's
+    (the trainer's files are not open in it) and ends when the trainer is killed with -9."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pattern = write_tiny_shards(tmp_path / "shards")
+    held = tmp_path / "held-by-the-trainer"
+    trainer = subprocess.Popen([sys.executable, "-c", _FORKED_SERVER, pattern, str(held), str(Path(__file__).parent)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        report = json.loads(trainer.stdout.readline())
+        server = report["server"]
+        assert report["same"]  # its workers give the in-process batches
+        assert int(_status(server)["PPid"]) == trainer.pid  # a fork of the trainer, not an interpreter of its own
+        assert Path(f"/proc/{server}/comm").read_text().strip() == "data-server"
+        assert Path(f"/proc/{server}/cmdline").read_bytes() == Path(f"/proc/{trainer.pid}/cmdline").read_bytes()
+        open_files = {os.readlink(f) for f in Path(f"/proc/{server}/fd").iterdir() if f.is_symlink()}
+        assert str(held) not in open_files and str(held) in {os.readlink(f) for f in Path(f"/proc/{trainer.pid}/fd").iterdir()}
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{server}").exists() and _status(server).get("State", "").split()[0] != "Z":
+            assert time.monotonic() < deadline, "the fork server outlived its trainer"
+            time.sleep(0.05)
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
 def test_zero_and_one_worker_are_the_same_stream(tmp_path):
     pattern = write_tiny_shards(tmp_path)
     full = take(build(data_cfg(pattern, num_workers=1)), 9)
