@@ -29,7 +29,7 @@ Two faults are then caught:
    Steps on which the trainer logs, evaluates or saves are allowed to read; the others are not.
 
 Writes ``<train.output_dir>/guard_rank<R>.json``: the refused collectives and the reads.
-``GUARD_PLANT=<name>`` first plants a fault of tests/integration/planted_faults.py (the guard's own tests).
+``GUARD_PLANT=<name>[,<name>...]`` first plants faults of tests/integration/planted_faults.py (the guard's own tests).
 """
 from __future__ import annotations
 
@@ -303,7 +303,8 @@ def main() -> int:
         sys.path.insert(0, str(HERE))
         from planted_faults import plant
 
-        plant(os.environ["GUARD_PLANT"])
+        for name in os.environ["GUARD_PLANT"].split(","):
+            plant(name)
     output_dir = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("train.output_dir=")), "runs/guarded")
     with Guard():
         code = pretrain_main(sys.argv[1:])
