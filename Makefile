@@ -23,8 +23,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) launch/demo.py $(ARGS)
 
+# Two pytest-xdist workers: a 2-rank run leaves a core idle while torchrun and the ranks import
+# torch; files that share runs stay on one worker (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --durations=30 tests
 
 # The GPU machine check (not part of `make test`): with the Python that has the machine's own
 # torch and this package installed (`pip install -e .`); `make gpu-check PYTHON=.venv/bin/python`

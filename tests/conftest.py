@@ -102,3 +102,34 @@ def metrics(output_dir: Path, val_key: str = "val_top1") -> tuple[list[dict], li
 def ledger(output_dir: Path, rank: int) -> list[dict]:
     path = output_dir / "ledger" / f"rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# `make test` runs the suite on two pytest-xdist workers. A file's tests stay on one worker, in their
+# order (its module fixtures run once); files that share runs through a cache of their own
+# (checkpoint_runs.py, masked_runs.py) or one local Slurm cluster share a worker too.
+# (xdist's own `--dist loadgroup` renames node ids, which pytest 9 no longer allows: its groups
+# were silently ignored here, and the shared runs were made once per worker.)
+SHARED_WORKER = {
+    **dict.fromkeys(["test_checkpoint_async", "test_checkpoint_export", "test_checkpoint_refusal",
+                     "test_checkpoint_preemption", "test_checkpoint_resume", "test_faults", "test_s3_resume"],
+                    "checkpoint_runs"),
+    **dict.fromkeys(["test_train_masked", "test_export_masked"], "masked_runs"),
+    **dict.fromkeys(["test_slurm", "test_slurm_mechanics", "test_slurm_node"], "slurm"),
+}
+
+
+def worker_group(nodeid: str) -> str:
+    stem = Path(nodeid.split("::", 1)[0]).stem
+    return SHARED_WORKER.get(stem, stem)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by module, with the groups above as the modules."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return SharedRunScheduling(config, log)

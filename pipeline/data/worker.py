@@ -108,11 +108,10 @@ def start_worker_server(num_workers: int, *, fork: bool = False) -> None:
 
 
 def _single_threaded() -> bool:
-    """No other Python thread, and no process group (whose threads are native ones). The native
-    threads torch starts at import wait idle in a pool; a fork never copies a thread."""
-    import torch.distributed as dist
-
-    return threading.active_count() == 1 and not (dist.is_available() and dist.is_initialized())
+    """No other Python thread: the hang a fork of the trainer risked was another Python thread
+    holding the interpreter's thread-list lock (DECISIONS.md). torch's native pool threads, idle
+    at this point, are not copied by a fork (nor are they in every DataLoader's default fork)."""
+    return threading.active_count() == 1
 
 
 @contextlib.contextmanager
