@@ -3,33 +3,19 @@ on one rank through the real DeepSpeed engine (ZeRO-0) and the trainer's own Tra
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from conftest import TINY
 from pipeline.config import load_config
 from pipeline.distributed.ema import WeightEma, build_ema, decay_at
-from pipeline.distributed.engine import build_engine, init_process_group
-from pipeline.distributed.env import resolve_env
+from pipeline.distributed.engine import build_engine
 from pipeline.model import build_model
 from pipeline.tasks import ClassificationTask
 from pipeline.train_step import TrainStep
 
 import timm.utils.model_ema as timm_ema  # noqa: E402  (the reference; a test dependency)
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    saved = dict(os.environ)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    if not dist.is_initialized():
-        init_process_group(resolve_env({}), timeout_s=60)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.mark.parametrize("warmup", [False, True])

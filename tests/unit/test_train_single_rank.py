@@ -2,29 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
 from conftest import TINY, shard_overrides
 from pipeline.config import load_config
-from pipeline.distributed.engine import build_engine, init_process_group
-from pipeline.distributed.env import resolve_env
+from pipeline.distributed.engine import build_engine
 from pipeline.model import build_model
 from pipeline.tasks import ClassificationTask
 from pipeline.train_step import TrainStep
-
-
-@pytest.fixture(scope="module")
-def one_rank_group():
-    saved = dict(os.environ)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    env = resolve_env({})
-    init_process_group(env, timeout_s=60)
-    yield env
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def make_engine(cfg):
