@@ -13,6 +13,7 @@ import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_NAME = 15
 
 
 def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGKILL) -> bool:
@@ -31,3 +32,14 @@ def die_with_parent(expected_parent: int | None = None, sig: int = signal.SIGKIL
     if expected_parent is not None and os.getppid() != expected_parent:
         os._exit(1)
     return True
+
+
+def name_this_process(name: bytes) -> None:
+    """The kernel's name of this process (``prctl(PR_SET_NAME)``, 15 bytes: ``ps -e``, ``top``);
+    processes it forks inherit it. Nothing where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

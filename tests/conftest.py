@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 
 # Small, fast, and still a real run: 2 ranks, a tiny ViT, a few steps. No DataLoader workers: a
-# rank's worker server imports torch again (~4 s of a 2-rank launch's ~15 s on 2 cores). The runs
-# whose subject involves workers (resume and elastic re-cuts, stop signals, Slurm) add WORKERS.
+# rank's worker server and worker are two more processes on 2 shared cores (a 4-step launch took
+# 10.2-10.7 s with them, 9.3 s without). The runs whose subject involves workers (resume and elastic
+# re-cuts, stop signals, Slurm) add WORKERS.
 WORKERS = "data.num_workers=1"
 TINY = ["model.size=tiny", "model.num_channels=1", "model.num_labels=10", "model.num_hidden_layers=2",
         "data.batch_size=16", "data.num_workers=0", "data.augment=shift", "data.hflip=false",
@@ -145,8 +146,8 @@ def worker_group(nodeid: str) -> str:
     return SHARED_WORKER.get(stem, stem)
 
 
-# The longest groups first (seconds alone on 2 cores, 2026-12-06), so that the two workers end
-# together; the rest (many short files) fill in behind them in their usual order.
+# The longest groups first (by their time alone on 2 cores, 2026-12-06: ~450 s for checkpoint_runs,
+# ~160 s Slurm, ~110 s masked_runs, ~100 s gpu_check), so that the two workers end together; the rest (many short files) fill in behind them in their usual order.
 LONGEST_FIRST = ["checkpoint_runs", "slurm", "masked_runs", "test_gpu_check", "test_train_distributed",
                  "test_benchmarks", "test_train_compile", "test_guard"]
 

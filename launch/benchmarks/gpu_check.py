@@ -63,7 +63,7 @@ TINY_DECODER = ("model.decoder_hidden_size=64", "model.decoder_num_hidden_layers
 
 
 def tiny_plan() -> Plan:
-    # No data workers on CPU: a worker server imports torch again, a third of a tiny run's time.
+    # No data workers on CPU: on 2 cores each is one more process beside the ranks, for no figure here.
     return Plan(images=120, height=40, width=48, shards=4, workers=0, gpu=False,
                 throughput=[dict(name="tiny eager", size="tiny", batch=16, compile=False, steps=12, after=4),
                             dict(name="tiny MAE eager", size="tiny", batch=16, compile=False, steps=8, after=4,

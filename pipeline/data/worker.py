@@ -9,7 +9,7 @@ import signal
 import threading
 
 from pipeline.heap import keep_heap
-from pipeline.lifetime import die_with_parent
+from pipeline.lifetime import die_with_parent, name_this_process
 
 # Modules the worker server imports once, so that each worker it forks starts with them loaded.
 SERVER_PRELOAD = ["pipeline.data.worker_server"]
@@ -132,7 +132,7 @@ def _server_forked_from_here():
             # a descriptor number the server has since reused.
             gc.freeze()
             _close_all_but(set(passfds) | {0, 1, 2})
-            _name_this_process(b"data-server")  # its command line is the trainer's: `top` and `ps -e` tell them apart
+            name_this_process(b"data-server")  # its command line is the trainer's: `top` and `ps -e` tell them apart
             exec(args[-1], {"__name__": "__pipeline_worker_server__"})  # noqa: S102 - multiprocessing's own command
         except SystemExit as done:  # forkserver.main ends so when its trainer's "alive" pipe closes
             code = done.code if isinstance(done.code, int) else 0
@@ -147,16 +147,6 @@ def _server_forked_from_here():
         yield
     finally:
         util.spawnv_passfds = spawn
-
-
-def _name_this_process(name: bytes) -> None:
-    """The kernel's name of this process (``prctl(PR_SET_NAME)``, 15 bytes); the workers it forks inherit it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _close_all_but(keep: set[int]) -> None:
