@@ -2,7 +2,7 @@
 bytes, and a cached epoch 2.
 
 Run: PYTHONPATH=. .venv/bin/python docs/benchmarks/remote_loader.py [--images 1042] [--rounds 3]
-(needs the dev extra: moto[server], boto3). JPEG shards like `make gpu-check`'s (440x360, q90) are
+(needs the dev extra: moto[s3] with flask, boto3). JPEG shards like `make gpu-check`'s (440x360, q90) are
 written under $TMPDIR. Bytes are counted by a TCP proxy between the loader and the server
 (tests/remote_stores.py), i.e. what the server sent. Local and S3 loaders take turns, `--rounds`
 times, so machine load hits both; the server runs in this process (a thread), so on a small
