@@ -2,8 +2,8 @@
 
 Also runs under `torchrun --nnodes ... --rdzv_backend=c10d`, the `deepspeed` launcher, `srun`
 without torchrun, and as a plain single process. Exit codes: 0 done, 75 stopped by SIGTERM or
-SIGUSR1 after saving (requeue me), 130 stopped by Ctrl-C after saving, 2 a user error (config,
-data, checkpoint, environment, a full or read-only disk), 1 a failure.
+SIGUSR1, or by a data store that gave up, after saving (requeue me), 130 stopped by Ctrl-C after
+saving, 2 a user error (config, data, checkpoint, environment, a full or read-only disk), 1 a failure.
 """
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ objectives: train.objective=classification (the default; needs labeled shards), 
 config keys: the sections model, data, optim, train, checkpoint, probe, deepspeed; each key is a
   field of the dataclasses in pipeline/config/ (model.py, sections.py), listed in README.md
   ("Configs"); an unknown key is refused with the known ones.
-exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me; under
-  torchrun, send the signal to the workers, or stop torchrun itself: its ranks save and exit 75);
+exit codes: 0 done; 75 stopped by SIGTERM/SIGUSR1, or by a data store that gave up
+  (data.io_retries/io_timeout_s), after saving a checkpoint (requeue me; under torchrun, send the
+  signal to the workers, or stop torchrun itself: its ranks save and exit 75);
   130 stopped by Ctrl-C after saving; 2 a user error (one line: config, data, checkpoint,
   environment, a full or read-only disk); 1 a failure. torchrun itself exits 1 for any of them:
   rank 0 leaves the code in <train.output_dir>/exit_status ("running" while it runs).

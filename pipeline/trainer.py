@@ -5,7 +5,9 @@ What is trained is the task's business (``pipeline/tasks``); one optimizer step 
 the device: the next batch is already on its way (``DeviceFeed``), losses accumulate on the
 device (``StepWindow``), a non-finite step is skipped on the device, and the stop flag and
 bad-sample counts are agreed on the host one step late (``StepAgreement``). Device values are
-read on logging, evaluation and checkpoint steps only.
+read on logging, evaluation and checkpoint steps only. The host batches are fetched one step
+further ahead (``StepLookAhead``), so that a data store that gives up is agreed as a stop while
+every rank still holds its next batch: the run saves and exits 75 as after a preemption.
 """
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ import contextlib
 import dataclasses
 import logging
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from pipeline.compiling import compile_layers, compile_summary
 from pipeline.config import Config, dump_config
 from pipeline.data import LedgerWriter, build_eval_loader, build_train_loader
 from pipeline.data.device_feed import DeviceFeed, Normalize
+from pipeline.data.errors import StoreUnavailable
+from pipeline.data.lookahead import StepLookAhead
 from pipeline.data.worker import start_worker_server
 from pipeline.checkpoint.export import consolidated_state_dict
 from pipeline.distributed.agreement import StepAgreement
@@ -176,12 +179,16 @@ class Trainer:
             self.stop_flag.ignore_from_now_on()
 
     def _loop(self, writer, progress: Progress) -> int:
-        cfg, max_steps = self.cfg, self.cfg.train.max_steps
-        # Exactly the batches left to train: nothing is read (or can fail) past the last step.
-        remaining = (max_steps - self.step) * cfg.train.grad_accum_steps
-        feed = DeviceFeed(islice(self.train_loader.host_batches(borrow=True), remaining), device=self.device,
-                          dtype=engine_dtype(cfg.train), normalize=self.normalize)
+        cfg, max_steps, first = self.cfg, self.cfg.train.max_steps, self.step
+        ahead = self._look_ahead()
+        feed = DeviceFeed(ahead, device=self.device, dtype=engine_dtype(cfg.train), normalize=self.normalize)
         window = StepWindow(self.device, cfg.train.log_every)
+        # The first step's batches have no earlier post to stop on: a store that gives up there raises
+        # (exit 75, nothing trained since the checkpoint we started from). Those of the second step
+        # go into a post read after the first step.
+        ahead.require(1)
+        self._fetch_ahead(ahead, 2, window)
+        self.agreement.post(**self._flags(ahead, skipped=0))
         compile_reported = not cfg.train.compile
         self.engine.train()
         while self.step < max_steps:
@@ -197,14 +204,14 @@ class Trainer:
                     window.grad_norm = self.train_step.step()
             self.loader_state = batch["state"]  # this batch is trained: a checkpoint may count it
             self.step += 1
+            if self.ledger is not None:
+                self.ledger.write(self.step, keys)
+            self._fetch_ahead(ahead, self.step - first + 2, window)  # step k+2's, before step k's flags
             window.end_step()
             if not compile_reported:
                 log.info("torch.compile after the first step: %s", compile_summary())
                 compile_reported = True
-            if self.ledger is not None:
-                self.ledger.write(self.step, keys)
-            agreed = self.agreement.post(stop_code=self.stop_flag.exit_code if self.stop_flag.requested else 0,
-                                          skipped=skipped)
+            agreed = self.agreement.post(**self._flags(ahead, skipped=skipped))
             evaluates = bool(cfg.train.eval_every) and self.step % cfg.train.eval_every == 0
             saves = bool(cfg.checkpoint.every_steps) and self.step % cfg.checkpoint.every_steps == 0
             logs = self.step % cfg.train.log_every == 0 or self.step == max_steps
@@ -219,8 +226,7 @@ class Trainer:
                 break  # a stop signal at the last step: just finish (exit 0)
             if agreed.stop:
                 self.save(writer, final=True)  # first: the time between the warning and the kill is short
-                log.warning("stopped by %s at step %d; checkpoint saved, exiting %d", self.stop_flag.signal_name
-                            or "a signal on another rank", self.step, agreed.stop_code)
+                self._log_stop(agreed, ahead.failure)
                 return agreed.stop_code  # agreed: a Ctrl-C on one rank makes every rank exit 130
             if evaluates:
                 self.evaluate(writer)
@@ -229,6 +235,43 @@ class Trainer:
         self.evaluate(writer)
         self.save(writer, final=True)
         return 0
+
+    def _look_ahead(self) -> StepLookAhead:
+        """Exactly the batches left to train (nothing is read, or can fail, past the last step),
+        fetched a step ahead; the loader's shared buffers make room for the batches it holds."""
+        per_step = self.cfg.train.grad_accum_steps
+        batches = self.train_loader.host_batches(borrow=True, hold=StepLookAhead.most_held(per_step))
+        return StepLookAhead(batches, per_step=per_step, steps=self.cfg.train.max_steps - self.step)
+
+    def _fetch_ahead(self, ahead: StepLookAhead, steps: int, window: StepWindow) -> None:
+        """The batches of this run's first ``steps`` steps (data wait, if the loader was behind). A
+        store that gives up on the way is said here, as it is seen; its line comes with the stop."""
+        started, seen = time.perf_counter(), ahead.failure
+        ahead.fetch(steps)
+        window.data_wait += time.perf_counter() - started
+        if ahead.failure is not None and seen is None:
+            log.warning("after step %d: the data store gave up on a batch fetched ahead; every rank stops at "
+                        "step %d at the latest, with a checkpoint", self.step, self.step + 1)
+
+    def _flags(self, ahead: StepLookAhead, *, skipped: int) -> dict:
+        """This rank's flags for ``StepAgreement.post``: a stop signal's code, or 75 once its store gave up."""
+        signal = self.stop_flag.exit_code if self.stop_flag.requested else 0
+        failed = ahead.failure is not None
+        return {"stop_code": max(signal, ahead.failure.exit_code if failed else 0), "skipped": skipped,
+                "store_failed": failed}
+
+    def _log_stop(self, agreed, failure: StoreUnavailable | None) -> None:
+        """Why the run stopped, after the checkpoint: the store's one line on a rank whose store
+        gave up (the shard, the byte, the last error), the signal on a rank that got one."""
+        saved = f"checkpoint saved at step {self.step}, exiting {agreed.stop_code}"
+        if failure is not None:
+            log.error("%s; %s", failure, saved)
+        elif agreed.store_failures:
+            log.warning("stopped because the data store gave up on %d rank(s) (their line says where); %s",
+                        agreed.store_failures, saved)
+        if self.stop_flag.requested or not agreed.store_failures:
+            log.warning("stopped by %s at step %d; checkpoint saved, exiting %d", self.stop_flag.signal_name
+                        or "a signal on another rank", self.step, agreed.stop_code)
 
     def _log_train(self, writer, progress: Progress, window: StepWindow, epoch: int) -> None:
         loss, nonfinite = window.reduce()  # the synchronisation of a logging step

@@ -27,7 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DATALOADER_PREFETCH = 2  # torch DataLoader's default prefetch_factor (batches in flight per worker)
-DEPTH = DATALOADER_PREFETCH + 2  # + the batch being copied out + one of margin
+DEPTH = DATALOADER_PREFETCH + 2  # + the batch being copied out + one of margin (more for batches held: ``held``)
 SHM_DIR = "/dev/shm"
 MAX_SHM_SHARE = 0.5  # leave at least half of the free shared memory to everything else
 
@@ -47,12 +47,20 @@ class BatchRing:
     def nbytes(num_workers: int, batch_shape: tuple[int, ...], depth: int = DEPTH) -> int:
         return num_workers * depth * math.prod(batch_shape)
 
+    @staticmethod
+    def depth_for(num_workers: int, held: int) -> int:
+        """DEPTH, plus room for ``held`` batches that the main process keeps unreleased besides
+        the one it copies out (the trainer's look-ahead): the workers take turns, so each holds
+        at most ``ceil(held / num_workers)`` of them."""
+        return DEPTH + math.ceil(held / max(1, num_workers))
+
     @classmethod
-    def create(cls, num_workers: int, batch_shape: tuple[int, ...]) -> BatchRing | None:
+    def create(cls, num_workers: int, batch_shape: tuple[int, ...], held: int = 0) -> BatchRing | None:
         """A ring, or None (workers send fresh batches) where shared memory is too small for it."""
         if num_workers <= 0:
             return None
-        need = cls.nbytes(num_workers, batch_shape)
+        depth = cls.depth_for(num_workers, held)
+        need = cls.nbytes(num_workers, batch_shape, depth)
         try:
             stat = os.statvfs(SHM_DIR)
             free = stat.f_bavail * stat.f_frsize
@@ -63,7 +71,7 @@ class BatchRing:
                         "workers send fresh batches instead (slower; raise the container's --shm-size)",
                         SHM_DIR, free / 2**20, need / 2**20)
             return None
-        return cls(num_workers, batch_shape)
+        return cls(num_workers, batch_shape, depth)
 
     # worker side
 

@@ -14,6 +14,10 @@ Exactly once: the batch one ahead has left the loader, so the loader's own state
 it. Each host batch therefore carries ``state``, the loader's state once that batch is trained;
 the trainer saves the state of the last batch it trained, and a prefetched batch that was never
 trained is delivered again after a resume.
+
+An error fetching the batch one ahead belongs to that batch, not to the one handed out: it is
+raised when that batch is asked for. The trainer may never ask (``lookahead.py``: a store that
+gave up after the last batch the ranks agreed to train).
 """
 from __future__ import annotations
 
@@ -69,12 +73,15 @@ class DeviceFeed:
             self.copied: list[torch.cuda.Event | None] = [None, None]  # their last copy's completion
             self.turn = 0
         self._ahead: dict | None = None
-        self._done = False
+        self._error: Exception | None = None  # fetching the batch ahead failed: raised when it is asked for
 
     def __iter__(self) -> DeviceFeed:
         return self
 
     def __next__(self) -> dict:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
         if self._ahead is None:
             self._ahead = self._prepare(next(self.source))  # the first batch: nothing is ahead yet
         current = self._ahead
@@ -86,11 +93,19 @@ class DeviceFeed:
             for value in current.values():
                 if isinstance(value, torch.Tensor) and value.device.type == "cuda":
                     value.record_stream(main)  # allocated on the side stream, used on the main one
-        try:  # start the next batch's copy before the caller queues this batch's step
-            self._ahead = self._prepare(next(self.source))
-        except StopIteration:
-            pass
+        self._ahead = self._fetch_ahead()  # its copy starts before the caller queues this batch's step
         return current
+
+    def _fetch_ahead(self) -> dict | None:
+        """The next batch, prepared; None at the source's end or when fetching it failed (kept)."""
+        try:
+            host = next(self.source)
+        except StopIteration:
+            return None
+        except Exception as error:  # noqa: BLE001 - the next batch's error, raised if it is asked for
+            self._error = error
+            return None
+        return self._prepare(host)
 
     def _prepare(self, host: dict) -> dict:
         release = host.pop("release", None)

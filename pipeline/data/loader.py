@@ -313,17 +313,18 @@ class TrainLoader:
         """Batches with private uint8 images (safe to keep); see ``host_batches`` for the trainer's form."""
         return self.host_batches(borrow=False)
 
-    def host_batches(self, *, borrow: bool) -> Iterator[dict]:
+    def host_batches(self, *, borrow: bool, hold: int = 0) -> Iterator[dict]:
         """Host batches: ``image`` uint8 (B, C, H, W), ``label`` int64 (unless built without labels),
         ``key``, ``epoch``, ``index``, ``skipped``, and ``state``: this loader's state once the batch
         is trained (what a checkpoint saves; the batches handed out ahead of training are not in it).
 
         With ``borrow``, ``image`` may be a view of a shared-memory slot that its worker refills:
-        copy it, then call ``batch["release"]()`` (DeviceFeed does).
+        copy it, then call ``batch["release"]()`` (DeviceFeed does). ``hold``: how many borrowed
+        batches the caller keeps before copying them out, besides the one it copies (``StepLookAhead``);
+        the ring keeps that many more buffers, so that the workers still fill reused ones.
         """
-        lay = self.layout
         self.close()
-        ring = BatchRing.create(self.num_workers, self.stream.batch_shape)
+        ring = BatchRing.create(self.num_workers, self.stream.batch_shape, held=hold if borrow else 0)
         stream = self.stream.starting_at(self.epoch, self.batches, self.consumed, ring)
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, in_order=True,
                             prefetch_factor=DATALOADER_PREFETCH if self.num_workers else None,

@@ -264,3 +264,45 @@ def test_async_saves_fall_back_to_synchronous_where_the_node_cannot_hold_the_sta
         writer = checkpoint.plan_background(engine, one_rank_group, group=group)
     assert isinstance(writer, background.BackgroundWriter)
     assert "saves are staged in" in caplog.text and "synchronously" not in caplog.text
+
+
+def test_a_store_that_gives_up_on_a_batch_fetched_ahead_stops_with_a_checkpoint(one_rank_group, tmp_path,
+                                                                                digits_shards, caplog):
+    """The store gives up on step 4's first batch. It is fetched after step 2, posted with step 2's
+    flags and read after step 3 (not a logging step): step 3 trains on the batches held ahead, the
+    feed keeps the failure of the batch it fetches ahead, and step 3 is saved with the loader
+    state of what was trained; exit 75 and the store's one line."""
+    from conftest import ledger
+    from pipeline.data.errors import StoreUnavailable
+    from pipeline.trainer import Trainer
+
+    accum = 2
+    cfg = load_config(None, [*TINY, *shard_overrides(digits_shards), f"train.output_dir={tmp_path}",
+                             "train.max_steps=8", "train.log_every=4", f"train.grad_accum_steps={accum}",
+                             "train.zero_stage=0", "train.precision=fp32", "checkpoint.every_steps=0",
+                             "data.ledger=true"])
+    trainer = Trainer(cfg, one_rank_group)
+    trainer.build()
+    loader, fails_at = trainer.train_loader, 3 * accum  # the batch numbered 6: step 4's first
+    real = loader.host_batches
+
+    def host_batches(**kw):
+        for number, batch in enumerate(real(**kw)):
+            if number == fails_at:
+                raise StoreUnavailable("gave up reading shard 's3://b/train-000002.tar' at byte 4096 after 4 failed "
+                                       "tries in 0.2 s (data.io_retries=3, data.io_timeout_s=60); last error: boom")
+            yield batch
+
+    loader.host_batches = host_batches
+    with caplog.at_level("WARNING", logger="pipeline.trainer"):
+        assert trainer.run() == 75
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-3"]
+    assert (tmp_path / "checkpoints" / "step-3" / "COMPLETE").is_file()
+    assert trainer.loader_state["batches"] == 3 * accum  # what was trained, not what was fetched
+    assert [line["step"] for line in ledger(tmp_path, 0)] == [1, 2, 3]
+    said = [r.getMessage() for r in caplog.records]
+    assert "after step 2: the data store gave up on a batch fetched ahead" in said[0]
+    assert said[1] == ("gave up reading shard 's3://b/train-000002.tar' at byte 4096 after 4 failed tries in 0.2 s "
+                       "(data.io_retries=3, data.io_timeout_s=60); last error: boom; checkpoint saved at step 3, "
+                       "exiting 75")
+    assert len(said) == 2
