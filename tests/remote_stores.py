@@ -1,5 +1,6 @@
 """Real object stores on loopback for the tests: moto's S3 server, an HTTP server that honours
-Range, and a TCP fault proxy that cuts connections mid-body and counts the bytes the server sent."""
+Range, and a TCP fault proxy that cuts connections mid-body, delays answers as a distant store
+does, logs the requests and counts the bytes the server sent."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +11,7 @@ import random
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 BUCKET = "shards"
@@ -111,13 +113,65 @@ def http_server(folder: Path):
         server.server_close()
 
 
+@contextlib.contextmanager
+def shards_on_s3(folder: Path):
+    """moto's S3 server with ``folder``'s files under s3://shards/digits, a FaultProxy in front,
+    and the AWS_* variables pointing there while it lasts; yields (base URL, proxy)."""
+    with s3_server() as endpoint:
+        saved = dict(os.environ)
+        os.environ.update(aws_env(endpoint))
+        base = upload_dir(endpoint, folder)
+        proxy = FaultProxy(endpoint)
+        os.environ["AWS_ENDPOINT_URL"] = proxy.url
+        try:
+            yield base, proxy
+        finally:
+            proxy.close()
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+@dataclass
+class Request:
+    """One HTTP request seen by the proxy: when (time.monotonic()), on which connection, what."""
+
+    at: float
+    connection: int
+    method: str
+    path: str
+    range: tuple[int, int | None] | None  # the Range header's bytes=first-last, last inclusive
+
+
+def _parse_request(data: bytes) -> tuple[str, str, tuple[int, int | None] | None] | None:
+    """(method, path, range) when ``data`` starts an HTTP request, else None (a body, a later chunk)."""
+    line, _, rest = data.partition(b"\r\n")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/") or parts[0] not in (b"GET", b"HEAD", b"PUT", b"POST"):
+        return None
+    ranged = None
+    for header in rest.split(b"\r\n"):
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"range" and value.strip().startswith(b"bytes="):
+            first, _, last = value.strip()[6:].partition(b"-")
+            ranged = (int(first), int(last) if last else None)
+    return parts[0].decode(), parts[1].decode().split("?")[0], ranged
+
+
+class _Connection:
+    def __init__(self, number: int):
+        self.number, self.path, self.waiting = number, "", False
+
+
 class FaultProxy:
     """TCP proxy on loopback in front of ``upstream`` (host:port).
 
     - ``sent``: bytes the server sent to the clients (what a store would bill);
-    - ``cut(n, seed)``: the next ``n`` connections that carry an answer (new or kept alive) are
-      closed after a random number (1..``max_bytes``) of the server's bytes, mid-body for all but
-      the smallest answers; ``cuts`` counts the cuts made;
+    - ``requests``: every request (``Request``), in the order the proxy saw them;
+    - ``latency``: seconds each answer's first byte is held back (a distant store's first-byte
+      latency; per request, kept-alive connections too);
+    - ``cut(n, seed, path=...)``: the next ``n`` answers (on new or kept-alive connections; to a
+      request for ``path`` only, if given) are cut after a random number (1..``max_bytes``) of the
+      server's bytes, mid-body for all but the smallest answers; ``cuts`` counts the cuts made;
     - ``down(seconds)``: for that long, new connections are reset at once and open ones cut.
     """
 
@@ -127,7 +181,10 @@ class FaultProxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sent = self.cuts = 0
-        self._to_cut, self._rng, self._max = 0, random.Random(0), 1 << 16
+        self.requests: list[Request] = []
+        self.latency = 0.0
+        self._to_cut, self._rng, self._max, self._cut_path = 0, random.Random(0), 1 << 16, None
+        self._connections = 0
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._closing = False
@@ -137,9 +194,13 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def cut(self, n: int, seed: int = 0, max_bytes: int = 1 << 16) -> None:
+    def cut(self, n: int, seed: int = 0, max_bytes: int = 1 << 16, path: str | None = None) -> None:
         with self._lock:
-            self._to_cut, self._rng, self._max = n, random.Random(seed), max_bytes
+            self._to_cut, self._rng, self._max, self._cut_path = n, random.Random(seed), max_bytes, path
+
+    def gets(self, path: str) -> list[Request]:
+        """The GET requests for ``path`` (its end: a key or file name), in order."""
+        return [r for r in list(self.requests) if r.method == "GET" and r.path.endswith(path)]
 
     def down(self, seconds: float) -> None:
         self._down_until = time.monotonic() + seconds
@@ -169,11 +230,14 @@ class FaultProxy:
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
-        self._pump(server, client, True)
+        with self._lock:
+            self._connections += 1
+            connection = _Connection(self._connections)
+        threading.Thread(target=self._pump, args=(client, server, False, connection), daemon=True).start()
+        self._pump(server, client, True, connection)
 
-    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
-        """Copy ``source`` to ``sink``; ``answers``: the server's side, counted and cut."""
+    def _pump(self, source: socket.socket, sink: socket.socket, answers: bool, connection: _Connection) -> None:
+        """Copy ``source`` to ``sink``; ``answers``: the server's side, delayed, counted and cut."""
         budget = None
         try:
             while True:
@@ -182,23 +246,31 @@ class FaultProxy:
                 data = source.recv(65536)
                 if not data:
                     break
+                if not answers and (request := _parse_request(data)) is not None:
+                    connection.path, connection.waiting = request[1], True
+                    self.requests.append(Request(time.monotonic(), connection.number, *request))
+                if answers and connection.waiting:  # an answer's first bytes: the store's latency
+                    connection.waiting = False
+                    if self.latency:
+                        time.sleep(self.latency)
                 if answers and budget is None and self._to_cut > 0:  # kept-alive connections too
                     with self._lock:
-                        if self._to_cut > 0:
+                        if self._to_cut > 0 and (self._cut_path is None or connection.path.endswith(self._cut_path)):
                             self._to_cut -= 1
                             budget = self._rng.randint(1, self._max)
+                # Counted before they are passed on: a reader that has its bytes sees them counted.
                 if budget is not None and len(data) >= budget:
-                    sink.sendall(data[:budget])
                     with self._lock:
                         self.sent += budget
                         self.cuts += 1
+                    sink.sendall(data[:budget])
                     break
                 if budget is not None:
                     budget -= len(data)
-                sink.sendall(data)
                 if answers:
                     with self._lock:
                         self.sent += len(data)
+                sink.sendall(data)
         except OSError:
             pass
         finally:

@@ -62,6 +62,7 @@ class DataConfig:
     # takes io_retries failures in a row or io_timeout_s since the first of them.
     io_retries: int = 10
     io_timeout_s: float = 120.0
+    io_prefetch: bool = True  # open a worker's next remote shard (or range) while it reads the current one
     cache_dir: str | None = None  # node-local cache of whole remote shards (off: read by range every epoch)
     cache_limit_gb: float = 0.0  # evict the least recently used cached shards beyond this; 0: no limit
 

@@ -9,6 +9,9 @@
 - ``data.cache_limit_gb`` evicts the least recently used shards (by modification time, which
   every use refreshes) after each fetch; the shard just fetched stays. A reader that still has
   an evicted file open keeps reading it (Linux frees it on close).
+- A worker's prefetch thread (``prefetch.py``) fetches the next shard while the worker reads the
+  current one, under the same lock, and opens the file at once: an eviction between the fetch
+  and the read cannot take it away.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import threading
 from contextlib import contextmanager
 
 from .remote import RangeFile, RemoteShard, object_size
@@ -47,8 +51,9 @@ def _is_whole(path: str, size: int) -> bool:
         return False
 
 
-def cached_shard(shard: RemoteShard) -> str:
-    """The path of the shard's complete local copy, fetched first where it is missing or truncated."""
+def cached_shard(shard: RemoteShard, *, stop: threading.Event | None = None) -> str:
+    """The path of the shard's complete local copy, fetched first where it is missing or truncated.
+    ``stop``: set, it calls off a fetch in progress (a prefetch's; ``remote.Cancelled``)."""
     os.makedirs(shard.io.cache_dir, exist_ok=True)
     path = cache_path(shard)
     size = shard.size if shard.size is not None else object_size(shard.url, shard.io)
@@ -58,16 +63,16 @@ def cached_shard(shard: RemoteShard) -> str:
                 if os.path.exists(path):
                     log.warning("cached shard %s is %d bytes, the manifest says %d: fetching it again",
                                 path, os.path.getsize(path), size)
-                _fetch(shard, path, size)
+                _fetch(shard, path, size, stop)
                 evict(shard.io.cache_dir, shard.io.cache_limit_gb, keep=path)
     os.utime(path)  # a use: the least recently used shards are evicted first
     return path
 
 
-def _fetch(shard: RemoteShard, path: str, size: int) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
+def _fetch(shard: RemoteShard, path: str, size: int, stop: threading.Event | None) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"  # (the lock keeps a process's threads apart too: one fd each)
     try:
-        with RangeFile(shard.url, shard.io, end=size) as source, open(tmp, "wb") as out:
+        with RangeFile(shard.url, shard.io, end=size, stop=stop) as source, open(tmp, "wb") as out:
             buffer = bytearray(CHUNK)
             while n := source.readinto(buffer):
                 out.write(memoryview(buffer)[:n])

@@ -24,6 +24,7 @@ import io
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
@@ -32,6 +33,7 @@ from .errors import DataError, StoreUnavailable
 
 REMOTE_SCHEMES = ("s3", "http", "https")
 SEEK_THROUGH = 1 << 20  # a forward seek shorter than this reads through the open body (no new request)
+PRIME_CHUNK = 64 << 10  # prime() reads in chunks this size: a cut connection loses at most one of them
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.05, 5.0
 _jitter = random.Random(os.urandom(8))  # never the global RNG: workers seed it for augmentation
 
@@ -42,12 +44,14 @@ def is_remote(url: str) -> bool:
 
 @dataclass(frozen=True)
 class IoOptions:
-    """How remote shards are read (``data.io_retries``, ``data.io_timeout_s``, ``data.cache_*``)."""
+    """How remote shards are read (``data.io_retries``, ``data.io_timeout_s``, ``data.cache_*``,
+    ``data.io_prefetch``)."""
 
     retries: int = 10
     timeout_s: float = 120.0
     cache_dir: str | None = None
     cache_limit_gb: float = 0.0  # 0: no limit
+    prefetch: bool = True  # a worker opens its next remote piece while it reads the current one (prefetch.py)
     # The AWS_* variables of the process that resolved the shards: DataLoader workers come from a
     # fork server started earlier, with the environment of that moment, and must use the same store.
     aws_env: tuple[tuple[str, str], ...] = field(default=(), repr=False, compare=False)
@@ -55,7 +59,7 @@ class IoOptions:
     @classmethod
     def from_config(cls, cfg) -> IoOptions:
         aws = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-        return cls(cfg.io_retries, cfg.io_timeout_s, cfg.cache_dir, cfg.cache_limit_gb, aws)
+        return cls(cfg.io_retries, cfg.io_timeout_s, cfg.cache_dir, cfg.cache_limit_gb, cfg.io_prefetch, aws)
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,23 @@ class _Retry(Exception):
     """A failure that a new request from the same byte may get past."""
 
 
+class Cancelled(Exception):
+    """A prefetch was called off (its piece will not be read): no further request or retry."""
+
+
 # ---- clients ------------------------------------------------------------------------------------
 
 _clients: dict = {}
+_clients_lock = threading.Lock()  # the reader and its prefetch thread may ask for the first client at once
+
+
+def _new_clients_lock() -> None:
+    # A child forked while a prefetch thread made a client would inherit the lock held, for ever.
+    global _clients_lock
+    _clients_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_clients_lock)
 
 
 def _quiet_urllib3() -> None:
@@ -94,30 +112,36 @@ def _quiet_urllib3() -> None:
 
 def _s3_client(options: IoOptions):
     key = ("s3", os.getpid(), options.timeout_s, options.aws_env)
-    if key not in _clients:
-        _quiet_urllib3()
-        import boto3
-        from botocore.config import Config
-
-        env = dict(options.aws_env) or {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-        config = Config(connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
-                        retries={"total_max_attempts": 1})  # our retries resume at the byte; no second layer
-        session = boto3.session.Session(
-            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
-            aws_session_token=env.get("AWS_SESSION_TOKEN"), profile_name=env.get("AWS_PROFILE"),
-            region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
-        _clients[key] = session.client("s3", config=config, endpoint_url=env.get("AWS_ENDPOINT_URL_S3")
-                                       or env.get("AWS_ENDPOINT_URL"))
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = _new_s3_client(options)
     return _clients[key]
+
+
+def _new_s3_client(options: IoOptions):
+    _quiet_urllib3()
+    import boto3
+    from botocore.config import Config
+
+    env = dict(options.aws_env) or {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    config = Config(connect_timeout=options.timeout_s, read_timeout=options.timeout_s,
+                    retries={"total_max_attempts": 1})  # our retries resume at the byte; no second layer
+    session = boto3.session.Session(
+        aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"), aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=env.get("AWS_SESSION_TOKEN"), profile_name=env.get("AWS_PROFILE"),
+        region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+    return session.client("s3", config=config, endpoint_url=env.get("AWS_ENDPOINT_URL_S3")
+                          or env.get("AWS_ENDPOINT_URL"))
 
 
 def _http_session():
     key = ("http", os.getpid())
-    if key not in _clients:
-        _quiet_urllib3()
-        import requests
+    with _clients_lock:
+        if key not in _clients:
+            _quiet_urllib3()
+            import requests
 
-        _clients[key] = requests.Session()
+            _clients[key] = requests.Session()
     return _clients[key]
 
 
@@ -222,12 +246,14 @@ def _read_body(body, n: int) -> bytes:
 class RangeFile(io.RawIOBase):
     """Seekable read-only file over ``url`` (bytes [begin, end) of it; end None: the object's end).
 
-    ``requests`` counts the ranged GETs opened, ``retries`` the failures got past.
+    ``requests`` counts the ranged GETs opened, ``retries`` the failures got past. ``stop``: an
+    event that, once set, makes the next request or backoff raise ``Cancelled`` (a prefetch's).
     """
 
-    def __init__(self, url: str, options: IoOptions, *, begin: int = 0, end: int | None = None):
+    def __init__(self, url: str, options: IoOptions, *, begin: int = 0, end: int | None = None,
+                 stop: threading.Event | None = None):
         super().__init__()
-        self.url, self.options, self.begin, self.end = url, options, begin, end
+        self.url, self.options, self.begin, self.end, self.stop = url, options, begin, end, stop
         self.pos = begin
         self._body, self._body_pos, self._size = None, 0, None
         self._last, self._last_at = b"", 0  # the last chunk read: a short seek back (a peek) needs no request
@@ -286,6 +312,15 @@ class RangeFile(io.RawIOBase):
         buffer = bytearray(max(0, size))
         return bytes(buffer[:self.readinto(buffer)])
 
+    def prime(self, nbytes: int) -> None:
+        """Open the GET and read the first ``nbytes`` (fewer at the end) now, with the usual
+        retries; the reads that follow start from memory, then go on through the open body."""
+        head = bytearray()
+        while len(head) < nbytes and (chunk := self.read(min(PRIME_CHUNK, nbytes - len(head)))):
+            head += chunk
+        self._last, self._last_at = bytes(head), self.begin  # what readinto serves without a request
+        self.seek(self.begin)
+
     def _read_some(self, want: int) -> bytes:
         if self._body is None or self._body_pos > self.pos or self.pos - self._body_pos > SEEK_THROUGH:
             self._reopen(self.pos)
@@ -315,6 +350,8 @@ class RangeFile(io.RawIOBase):
         """``operation()``, retried from the current byte with backoff and jitter while the bounds allow."""
         failures, first = 0, None
         while True:
+            if self.stop is not None and self.stop.is_set():
+                raise Cancelled(f"reading '{self.url}' at byte {self.pos} was called off")
             try:
                 return operation()
             except _Retry as error:
@@ -329,8 +366,11 @@ class RangeFile(io.RawIOBase):
                         f"gave up reading shard '{self.url}' at byte {self.pos} after {failures} failed tries "
                         f"in {now - first:.1f} s (data.io_retries={self.options.retries}, "
                         f"data.io_timeout_s={self.options.timeout_s:g}); last error: {self.last_error}") from None
-                delay = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (failures - 1))
-                time.sleep(_jitter.uniform(0, delay))  # full jitter: many workers do not retry in step
+                delay = _jitter.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (failures - 1)))
+                if self.stop is None:
+                    time.sleep(delay)  # full jitter: many workers do not retry in step
+                elif self.stop.wait(delay):
+                    raise Cancelled(f"reading '{self.url}' at byte {self.pos} was called off") from None
 
     def _drop_body(self) -> None:
         body, self._body = self._body, None

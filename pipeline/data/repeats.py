@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .partition import Segment, TrainLayout, cut
-from .tar_reader import read_range
+from .prefetch import Piece, read_pieces
 
 
 def position_copy(layout: TrainLayout, epoch: int, rank: int, j: int) -> tuple[int, int]:
@@ -68,16 +68,17 @@ class RepeatReader:
         for n, (position, copy) in enumerate(self.picks):
             wanted.setdefault(position - self.first, []).append((n, copy))
         read = {q for q, uses in wanted.items() if any(n not in self.replayed for n, _ in uses)}
-        base = 0  # stretch position of the segment's first sample
+        pieces, shifts, base = [], [], 0  # base: stretch position of the segment's first sample
         for seg in self.segments:
             skip = {seg.start + q - base for q in range(base, base + len(seg)) if q not in read}
-            items = read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip, first_id=self.offsets[seg.shard])
-            for q, item in enumerate(items, base):
-                for n, copy in wanted.get(q, ()):
-                    if n in self.replayed:
-                        yield {"__key__": item["__key__"], "__skip__": True}
-                    elif "__bad__" in item:
-                        yield dict(item)
-                    else:
-                        yield {**item, "__copy__": copy}
+            pieces.append(Piece(self.urls[seg.shard], seg.start, seg.stop, skip, self.offsets[seg.shard]))
+            shifts.append(base - seg.start)  # shard position -> stretch position
             base += len(seg)
+        for index, position, item in read_pieces(pieces):  # the next remote piece opened ahead
+            for n, copy in wanted.get(position + shifts[index], ()):
+                if n in self.replayed:
+                    yield {"__key__": item["__key__"], "__skip__": True}
+                elif "__bad__" in item:
+                    yield dict(item)
+                else:
+                    yield {**item, "__copy__": copy}

@@ -19,6 +19,7 @@ from torch.utils.data import default_collate
 from .batch_ring import BatchRing
 from .partition import Segment, mix_seed
 from .errors import DataError
+from .prefetch import Piece, read_pieces
 from .tar_reader import read_range
 from .transforms import IMAGE_EXTENSIONS, decode
 
@@ -57,35 +58,46 @@ def replayed_positions(length: int, consumed: int, bufsize: int, seed: int) -> s
 
 
 class SliceReader:
-    """Source stage: one raw item per position of a slice (see ``tar_reader.read_range``)."""
+    """Source stage: one raw item per position of a slice (see ``tar_reader.read_range``); the
+    next remote piece is opened while one is read (``prefetch.read_pieces``)."""
 
     def __init__(self, urls: list[str], offsets: tuple[int, ...], segments: list[Segment],
                  replayed: set[int] = frozenset()):
         self.urls, self.offsets, self.segments, self.replayed = urls, offsets, segments, replayed
 
     def __call__(self) -> Iterator[dict]:
-        base = 0  # position of the run's first sample inside the slice
+        pieces, wanted = self.pieces()
+        for index, position, item in read_pieces(pieces):
+            if wanted[index] is None or position in wanted[index]:
+                yield item
+
+    def pieces(self) -> tuple[list[Piece], list[set[int] | None]]:
+        """What the slice reads, one piece per run of segments, and the positions of each piece
+        that belong to the slice (None: all of them)."""
+        pieces, wanted, base = [], [], 0  # base: position of the run's first sample inside the slice
         for run in _shard_runs(self.segments):
+            shard = run[0].shard
             if len(run) == 1:  # the common case: a segment to itself
                 seg = run[0]
                 skip = {seg.start + p - base for p in self.replayed if base <= p < base + len(seg)}
-                yield from read_range(self.urls[seg.shard], seg.start, seg.stop, skip=skip,
-                                      first_id=self.offsets[seg.shard])
+                pieces.append(Piece(self.urls[shard], seg.start, seg.stop, skip, self.offsets[shard]))
+                wanted.append(None)
                 base += len(seg)
                 continue
             # Pieces of one shard with gaps between them (the rest of an epoch after an elastic
             # resume): one pass over the shard; the gaps are read as placeholders and dropped.
-            wanted, skip = set(), set()
+            keep, skip = set(), set()
             for seg in run:
                 for p in range(seg.start, seg.stop):
-                    wanted.add(p)
+                    keep.add(p)
                     if base in self.replayed:
                         skip.add(p)
                     base += 1
             first, last = run[0].start, run[-1].stop
-            skip.update(p for p in range(first, last) if p not in wanted)
-            items = read_range(self.urls[run[0].shard], first, last, skip=skip, first_id=self.offsets[run[0].shard])
-            yield from (item for p, item in zip(range(first, last), items) if p in wanted)
+            skip.update(p for p in range(first, last) if p not in keep)
+            pieces.append(Piece(self.urls[shard], first, last, skip, self.offsets[shard]))
+            wanted.append(keep)
+        return pieces, wanted
 
 
 def _shard_runs(segments: list[Segment]) -> Iterator[list[Segment]]:
@@ -157,6 +169,7 @@ class Refill:
         for k, shard in enumerate(order):
             start = last.stop if k == 0 else 0
             stop = last.stop if k == len(urls) else self.counts[shard]
+            # (not read_pieces: borrowing is for bad data only, and a prefetch here could read past what is used)
             yield from read_range(urls[shard], start, stop, first_id=offsets[shard])
 
 

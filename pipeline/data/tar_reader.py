@@ -23,12 +23,16 @@ A remote shard (a ``remote.RemoteShard``, for ``s3://`` and ``http(s)://``) is r
 ``remote.RangeFile``: where the manifest gives the samples' byte offsets, only the bytes of
 samples [start, stop) are requested, starting at the first one's header; with ``data.cache_dir``
 the whole shard is fetched once into the node's cache and read from there (``cache.py``).
+``open_stream`` opens that file; a worker's prefetch thread calls it for the next piece ahead of
+the reader and hands the open stream to ``read_range`` (``prefetch.py``).
 """
 from __future__ import annotations
 
 import re
 import tarfile
-from collections.abc import Container, Iterator
+import threading
+from collections.abc import Callable, Container, Iterator
+from typing import BinaryIO
 
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
@@ -132,23 +136,31 @@ class _UstarWalker:
             at += block_size + -(-size // block_size) * block_size
 
 
+def open_stream(source: str | RemoteShard, start: int = 0, stop: int | None = None, *,
+                cancel: threading.Event | None = None) -> tuple[BinaryIO, int]:
+    """(the file samples [start, stop) of ``source`` are read from, the position of the sample it
+    starts at). ``cancel``: the event that calls off a prefetch's remote reads (``prefetch.py``)."""
+    if isinstance(source, str):
+        return gopen(source), 0
+    if source.io.cache_dir:
+        from .cache import cached_shard
+
+        return open(cached_shard(source, stop=cancel), "rb"), 0
+    if source.offsets is None:
+        return RangeFile(source.url, source.io, stop=cancel), 0
+    # only the bytes of samples [start, stop)
+    begin, end = source.window(start, len(source.offsets) if stop is None else stop)
+    return RangeFile(source.url, source.io, begin=begin, end=end, stop=cancel), start
+
+
 class _TarReader:
-    """The regular members of one shard, and their data."""
+    """The regular members of one shard, and their data. ``opened``: a callable giving what
+    ``open_stream`` gives, already opened (a prefetch's ``take``)."""
 
-    def __init__(self, source: str | RemoteShard, start: int = 0, stop: int | None = None):
-        self.tar, self.first = None, 0  # first: the position of the first sample the stream starts at
-        if isinstance(source, str):
-            self.stream = gopen(source)
-        elif source.io.cache_dir:
-            from .cache import cached_shard
-
-            self.stream = open(cached_shard(source), "rb")
-        else:
-            begin, end = 0, None
-            if source.offsets is not None:  # only the bytes of samples [start, stop)
-                begin, end = source.window(start, len(source.offsets) if stop is None else stop)
-                self.first = start
-            self.stream = RangeFile(source.url, source.io, begin=begin, end=end)
+    def __init__(self, source: str | RemoteShard, start: int = 0, stop: int | None = None, opened=None):
+        self.tar = None
+        # first: the position of the first sample the stream starts at
+        self.stream, self.first = opened() if opened is not None else open_stream(source, start, stop)
         if _UstarWalker.applies_to(self.stream):
             self._walker = _UstarWalker(self.stream)
             self.members = self._walker.members()
@@ -222,20 +234,22 @@ def count_samples(url: str) -> int:
         reader.close()
 
 
-def read_range(source: str | RemoteShard, start: int, stop: int, *, skip: Container[int] = (), first_id: int = 0
-               ) -> Iterator[dict]:
+def read_range(source: str | RemoteShard, start: int, stop: int, *, skip: Container[int] = (), first_id: int = 0,
+               opened: Callable[[], tuple[BinaryIO, int]] | None = None) -> Iterator[dict]:
     """One item per sample position in [start, stop) of the shard ``source`` (see module doc).
 
     ``skip`` holds positions to return as placeholders; ``first_id + position`` becomes the
     sample's stable id ``__sid__`` (used to seed its augmentation). A remote store that stays
     unreachable raises ``StoreUnavailable``: that is no bad data, and the run stops to be requeued.
+    ``opened``: the stream, opened ahead by a prefetch (``prefetch.Prefetch.take``); its errors
+    are raised here, as the reader's own would be.
     """
     url = _url(source)
     position, emitted, key, current = -1, 0, None, None
     reason = "tar ended early (truncated or corrupt)"
     reader = None
     try:
-        reader = _TarReader(source, start, stop)
+        reader = _TarReader(source, start, stop, opened)
         position = reader.first - 1
         for prefix, suffix, member in _sample_members(reader.members):
             if prefix != key:

@@ -15,7 +15,7 @@ from pipeline.data.errors import StoreUnavailable
 from pipeline.data.remote import IoOptions, RangeFile
 from pipeline.data.sources import resolve_shards
 from pipeline.data.tar_reader import read_range
-from remote_stores import FaultProxy, aws_env, http_server, s3_server, upload_dir
+from remote_stores import FaultProxy, http_server, shards_on_s3
 
 TRAIN = "train-{000000..000008}.tar"
 
@@ -23,18 +23,8 @@ TRAIN = "train-{000000..000008}.tar"
 @pytest.fixture(scope="module")
 def store(digits_shards):
     """moto's S3 server with the digits shards under s3://shards/digits, a fault proxy in front."""
-    with s3_server() as endpoint:
-        saved = dict(os.environ)
-        os.environ.update(aws_env(endpoint))
-        base = upload_dir(endpoint, digits_shards)
-        proxy = FaultProxy(endpoint)
-        os.environ["AWS_ENDPOINT_URL"] = proxy.url
-        try:
-            yield base, proxy, digits_shards
-        finally:
-            proxy.close()
-            os.environ.clear()
-            os.environ.update(saved)
+    with shards_on_s3(digits_shards) as (base, proxy):
+        yield base, proxy, digits_shards
 
 
 def io_options(**kw) -> IoOptions:
