@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import datetime
+import importlib
 import logging
+import sys
 import warnings
 from typing import Any
 
@@ -146,8 +148,39 @@ def destroy_process_group(*, clean: bool) -> None:
         dist.destroy_process_group()
 
 
+# DeepSpeed (0.19.8) imports its Muon optimizer at every ZeRO (and bf16) optimizer's set-up, for an
+# isinstance check; that module decorates its kernels with torch.compile at import time, which
+# imports TorchInductor: 1.3 s more CPU per rank at every start, for an optimizer this pipeline
+# does not use unless the ``deepspeed:`` section asks for it (a 4-step one-rank ZeRO-2 run on the
+# 2-core VM: 9.07 s of CPU against 7.75 s with the module imported as below; docs/DECISIONS.md).
+_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def _import_deepspeed_muon_eagerly(ds_config: dict[str, Any]) -> None:
+    """Import DeepSpeed's Muon module with its kernels left eager (not compiled), so that ZeRO's
+    set-up finds it imported; nothing when a native Muon optimizer is configured (it then keeps
+    its compiled kernels) or the module is there already. ``train.compile`` is unaffected: our
+    layers are compiled later, with the real ``torch.compile``."""
+    if "muon" in str(ds_config.get("optimizer", {}).get("type", "")).lower() or _DEEPSPEED_MUON in sys.modules:
+        return
+    compile_ = torch.compile
+
+    def eager(model=None, **_options):  # torch.compile's two forms: compile(fn) and @compile(...)
+        return model if model is not None else (lambda fn: fn)
+
+    torch.compile = eager
+    try:
+        importlib.import_module(_DEEPSPEED_MUON)
+    except ImportError:  # a DeepSpeed without Muon: nothing to avoid
+        pass
+    finally:
+        torch.compile = compile_
+
+
 def _initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Any:
     import deepspeed
+
+    _import_deepspeed_muon_eagerly(ds_config)
 
     def scheduler(optimizer):
         return build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)

@@ -1,4 +1,5 @@
-"""The environment resolver and the DeepSpeed config we derive (no processes started here)."""
+"""The environment resolver and the DeepSpeed config we derive; one process started, to see what an
+engine's set-up imports."""
 import pytest
 
 from pipeline.config import ConfigError, load_config
@@ -90,3 +91,42 @@ def test_fp16_on_cpu_is_a_clear_error():
     with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA GPU"):
         check_precision("fp16", torch.device("cpu"))
     check_precision("bf16", torch.device("cpu"))
+
+
+ENGINE_SET_UP_IMPORTS = """
+import sys, torch
+from pipeline.distributed.engine import _import_deepspeed_muon_eagerly
+from launch.benchmarks import training_steps
+muon = "deepspeed.runtime.zero.muon.original_muon"
+_import_deepspeed_muon_eagerly({"optimizer": {"type": "Muon", "params": {}}})
+print("native Muon leaves it alone:", muon not in sys.modules)
+compile_ = torch.compile
+training_steps.single_process_group()
+cfg = training_steps.train_config("tiny", batch_size=2, precision="bf16", zero_stage=2)
+images, labels = training_steps.synthetic_batch(cfg)
+step, engine = training_steps.engine_step(cfg, training_steps.build_seeded_model(cfg), images, labels)
+step()
+print("inductor imported:", "torch._inductor.compile_fx" in sys.modules)
+print("torch.compile restored:", torch.compile is compile_)
+print("Muon kernels compiled:", hasattr(sys.modules[muon].muon_update, "_torchdynamo_orig_callable"))
+"""
+
+
+def test_a_zero_engine_set_up_imports_no_inductor_and_leaves_torch_compile_as_it_was():
+    """DeepSpeed imports its Muon module at every ZeRO optimizer's set-up, and that module's
+    torch.compile decorators import TorchInductor (~1.3 s of CPU per rank at every start); the
+    engine imports it first with its kernels eager, unless the deepspeed: section asks for Muon."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
+    done = subprocess.run([sys.executable, "-c", ENGINE_SET_UP_IMPORTS], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-4:] == ["native Muon leaves it alone: True", "inductor imported: False",
+                                             "torch.compile restored: True", "Muon kernels compiled: False"]
