@@ -8,14 +8,23 @@ CONSTRAINTS := .ci/constraints.txt
 
 .PHONY: demo test install clean-venv gpu-check
 
-# torch first (served from local disk), then DeepSpeed from its sdist without build
-# isolation so its build reuses that torch instead of downloading a second one.
+# Packages go in with uv (the same packages from the same index as pip, unpacked and compiled in
+# parallel: a fresh venv in 78 s against 136 s with pip on the 2-core VM, docs/DECISIONS.md), and
+# with pip where uv cannot be installed or fails (e.g. an index that only pip's own config names).
+comma := ,
+define install
+	$(VENV)/bin/uv pip install --quiet --python $(PY) --compile-bytecode $(1) || $(PY) -m pip install --quiet $(1)
+endef
+
+# torch first, then DeepSpeed from its sdist without build isolation so its build reuses that
+# torch instead of downloading a second one.
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) torch torchvision
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) --no-build-isolation deepspeed
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev,demo]'
+	-$(PY) -m pip install --quiet -c $(CONSTRAINTS) uv
+	$(call install,-c $(CONSTRAINTS) torch torchvision)
+	$(call install,-c $(CONSTRAINTS) --no-build-isolation deepspeed)
+	$(call install,-c $(CONSTRAINTS) -e '.[dev$(comma)demo]')
 	touch $(STAMP)
 
 install: $(STAMP)
