@@ -2,6 +2,7 @@
 and computes what the training run computed."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ def base(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "checkpoint-runs"
 
 
+@functools.cache
 def export_cli():
     """launch/export.py as a module, for its main() in this process."""
     spec = importlib.util.spec_from_file_location("export_cli", ROOT / "launch/export.py")

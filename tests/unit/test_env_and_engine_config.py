@@ -1,7 +1,11 @@
 """The environment resolver and the DeepSpeed config we derive; one process started, to see what an
 engine's set-up imports."""
+import subprocess
+import sys
+
 import pytest
 
+from conftest import ROOT, run_env
 from pipeline.config import ConfigError, load_config
 from pipeline.distributed.engine import build_deepspeed_config
 from pipeline.distributed.precision import check_precision
@@ -116,17 +120,8 @@ def test_a_zero_engine_set_up_imports_no_inductor_and_leaves_torch_compile_as_it
     """DeepSpeed imports its Muon module at every ZeRO optimizer's set-up, and that module's
     torch.compile decorators import TorchInductor (~1.3 s of CPU per rank at every start); the
     engine imports it first with its kernels eager, unless the deepspeed: section asks for Muon."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
-    done = subprocess.run([sys.executable, "-c", ENGINE_SET_UP_IMPORTS], capture_output=True, text=True, env=env,
-                          cwd=root, timeout=240)
+    done = subprocess.run([sys.executable, "-c", ENGINE_SET_UP_IMPORTS], capture_output=True, text=True, env=run_env(),
+                          cwd=ROOT, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-4:] == ["native Muon leaves it alone: True", "inductor imported: False",
                                              "torch.compile restored: True", "Muon kernels compiled: False"]
