@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.checkpoint.export import export_checkpoint
+    from pipeline.startup import collector_paused
+
+    with collector_paused():  # torch, DeepSpeed, transformers' ViT (pipeline/startup.py)
+        from pipeline.checkpoint.export import export_checkpoint
 
     try:
         out = export_checkpoint(args.checkpoint, args.out, rgb_input=not args.one_channel,

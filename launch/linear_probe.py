@@ -25,16 +25,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+from pipeline.startup import collector_paused  # noqa: E402
 
-from pipeline.config import Config  # noqa: E402
-from pipeline.data import build_eval_loader  # noqa: E402
-from pipeline.data.device_feed import Normalize  # noqa: E402
-from pipeline.errors import UserError  # noqa: E402
-from pipeline.probe import knn_predict  # noqa: E402
-from pipeline.tasks import Task  # noqa: E402
+with collector_paused():  # torch, torchvision and the tasks (pipeline/startup.py)
+    import torch
+    import torch.nn.functional as F
+    from torch import Tensor, nn
+
+    from pipeline.config import Config
+    from pipeline.data import build_eval_loader
+    from pipeline.data.device_feed import Normalize
+    from pipeline.errors import UserError
+    from pipeline.probe import knn_predict
+    from pipeline.tasks import Task
 
 
 def fit_linear_probe(features: Tensor, labels: Tensor, *, num_classes: int, weight_decay: float = 1e-4,

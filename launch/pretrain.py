@@ -75,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         # "running" from the start: a rerun of a finished run that fails now must not leave its 0
         write_exit_status(status_path, "running", create=True)
         stop_flag.exit_status_path = status_path
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
-    from pipeline.distributed.env import resolve_env, set_torch_threads
-    from pipeline.metrics import setup_logging
-    from pipeline.validate import validate_run
+    from pipeline.startup import collector_paused
+
+    with collector_paused():  # torch and torchvision come in here: most of a start (pipeline/startup.py)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _cuda_available() else "cuda")
+        from pipeline.distributed.env import resolve_env, set_torch_threads
+        from pipeline.metrics import setup_logging
+        from pipeline.validate import validate_run
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -95,17 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         dump_config(cfg, "/dev/stdout")
         return 0
     set_torch_threads(num_workers=cfg.data.num_workers, local_world_size=env.local_world_size)
-    from pipeline.data.worker import start_worker_server
+    with collector_paused():  # the loaders and torchvision: before the fork, for the data server to have them
+        import pipeline.data.loader  # noqa: F401
+        from pipeline.data.worker import start_worker_server
 
     start_worker_server(cfg.data.num_workers, fork=True)  # now, while no other thread runs: a fork
     threading.excepthook = _quiet_storage_errors
 
-    from pipeline.distributed.engine import destroy_process_group, device_for, init_process_group
-    from pipeline.distributed.faults import report_failure
-    from pipeline.distributed.precision import check_precision
-    from pipeline.preflight import preflight
-    from pipeline.tasks import build_task
-    from pipeline.trainer import train
+    with collector_paused():  # DeepSpeed and the trainer
+        from pipeline.distributed.engine import destroy_process_group, device_for, init_process_group
+        from pipeline.distributed.faults import report_failure
+        from pipeline.distributed.precision import check_precision
+        from pipeline.preflight import preflight
+        from pipeline.tasks import build_task
+        from pipeline.trainer import train
 
     status_path = Path(cfg.train.output_dir) / "exit_status"
     code, refused = 1, False

@@ -14,8 +14,7 @@ import logging
 from typing import Any
 
 from pipeline.config import Config, ConfigError
-from pipeline.data.sources import manifest_classes, manifest_of, manifest_says_unlabeled
-from pipeline.data.transforms import IMAGE_CHANNELS
+from pipeline.data.sources import IMAGE_CHANNELS, manifest_classes, manifest_of, manifest_says_unlabeled
 from pipeline.distributed.engine import build_deepspeed_config
 
 # Read by DeepSpeed outside the config parsing that validate_deepspeed watches.

@@ -30,8 +30,7 @@ from pathlib import Path
 
 from webdataset.writer import TarWriter
 
-from .sources import MANIFEST
-from .transforms import IMAGE_EXTENSIONS
+from .sources import IMAGE_EXTENSIONS, MANIFEST
 
 DIGITS = "digits"
 UNLABELED = -1  # Item.label of an image without a class

@@ -36,6 +36,8 @@ from .remote import IoOptions, RemoteShard, is_remote, object_size, read_object
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")  # what a sample's image may be stored as
+IMAGE_CHANNELS = (1, 3)  # what the decoder (transforms.decode) makes: grayscale or RGB
 _TAR_TOKEN = re.compile(r"[^\s'\"]+\.(?:tar|tar\.gz|tgz)(?=$|[\s'\"])")
 
 

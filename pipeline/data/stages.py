@@ -21,7 +21,8 @@ from .partition import Segment, mix_seed
 from .errors import DataError
 from .prefetch import Piece, read_pieces
 from .tar_reader import read_range
-from .transforms import IMAGE_EXTENSIONS, decode
+from .sources import IMAGE_EXTENSIONS
+from .transforms import decode
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from torchvision.transforms.v2 import functional as F
 
 from pipeline.config import AUGMENTS
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif")
-_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB}
-IMAGE_CHANNELS = tuple(_MODES)  # what the decoder makes: grayscale or RGB
+from .sources import IMAGE_CHANNELS
+
+_MODES = dict(zip(IMAGE_CHANNELS, (ImageReadMode.GRAY, ImageReadMode.RGB)))
 
 
 def check_channels(num_channels: int) -> None:

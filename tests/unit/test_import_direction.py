@@ -4,7 +4,7 @@ Every module of ``pipeline/`` and ``launch/`` has a floor, found from its path. 
 import from its own floor and the floors below, never from a higher one:
 
 0. bottom: ``errors`` (exit codes follow from the class) and the process and file services
-   every floor uses, all standard library only: ``heap`` (ctypes), ``lifetime`` (prctl),
+   every floor uses, all standard library only: ``heap`` (ctypes), ``lifetime`` (prctl), ``startup`` (gc),
    ``storage`` (imports errors), ``preemption`` (signals to a flag; imports storage);
 1. ``config``: the typed sections (standard library, yaml, errors);
 2. the building blocks, each independent of the others: ``model``, ``data``, ``optim``, and
@@ -35,7 +35,7 @@ MODEL_DIR = ROOT / "pipeline" / "model"
 # floor -> the modules and packages on it (a package covers everything under it)
 FLOORS: dict[int, tuple[str, ...]] = {
     0: ("pipeline.errors", "pipeline.heap", "pipeline.lifetime", "pipeline.storage",
-        "pipeline.preemption"),
+        "pipeline.preemption", "pipeline.startup"),
     1: ("pipeline.config",),
     2: ("pipeline.model", "pipeline.data", "pipeline.optim", "pipeline.rng", "pipeline.compiling"),
     3: ("pipeline.distributed", "pipeline.checkpoint", "pipeline.metrics", "pipeline.validate"),
