@@ -89,17 +89,18 @@ def config(root: Path, k: int):
                               "probe.features=mean"])
 
 
-def _rank(rank: int, root: str, port: int, k: int) -> None:
+def _rank(rank: int, root: str, port: int, ks: tuple[int, ...]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        cfg, device = config(Path(root), k), torch.device("cpu")
-        probe = build_probe(cfg, PixelTask(), _Env(rank), device=device, normalize=Normalize([0.5], [0.5], 1))
-        val = build_eval_loader(cfg.data, image_size=4, num_channels=1, rank=rank, world_size=2, sample_keys=())
-        probe.begin()
-        for batch in DeviceFeed(iter(val), device=device, dtype=torch.float32, normalize=probe.normalize):
-            probe.collect(None, batch)
-        result = probe.finish(None)
-        Path(root, f"rank{rank}.json").write_text(json.dumps(result))
+        for k in ks:  # one pair of processes for every k (each start imports torch: ~6 s of CPU)
+            cfg, device = config(Path(root), k), torch.device("cpu")
+            probe = build_probe(cfg, PixelTask(), _Env(rank), device=device, normalize=Normalize([0.5], [0.5], 1))
+            val = build_eval_loader(cfg.data, image_size=4, num_channels=1, rank=rank, world_size=2, sample_keys=())
+            probe.begin()
+            for batch in DeviceFeed(iter(val), device=device, dtype=torch.float32, normalize=probe.normalize):
+                probe.collect(None, batch)
+            result = probe.finish(None)
+            Path(root, f"rank{rank}-k{k}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
@@ -109,14 +110,25 @@ class _Env:
         self.rank, self.world_size = rank, 2
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_two_ranks_give_the_one_process_figure(tmp_path, k):
+KS = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def two_rank_probe(tmp_path_factory) -> Path:
+    """Both ranks' probe figures for every k of KS, on the shards of ``write_shards``."""
+    root = tmp_path_factory.mktemp("probe")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    write_shards(tmp_path)
-    mp.start_processes(_rank, args=(str(tmp_path), port, k), nprocs=2, start_method="spawn")
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    write_shards(root)
+    mp.start_processes(_rank, args=(str(root), port, KS), nprocs=2, start_method="spawn")
+    return root
+
+
+@pytest.mark.parametrize("k", KS)
+def test_two_ranks_give_the_one_process_figure(two_rank_probe, k):
+    tmp_path = two_rank_probe
+    results = [json.loads((tmp_path / f"rank{r}-k{k}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]
 
     # The same figure from every sample at once: features and labels read in one process.
