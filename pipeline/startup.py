@@ -5,7 +5,7 @@ op registrations), and the collector walks the growing heap again and again whil
 built; afterwards every full collection of the run walks them once more, though none of them
 ever becomes garbage. Pausing the collector for the imports and then freezing what they built
 (``gc.freeze``: out of every later collection) took a one-rank start-up and 4-step run from
-6.4-8.0 s to 5.9-6.6 s of wall time on the 2-core VM (docs/DECISIONS.md, "Start-up cost").
+7.1-8.1 s to 5.8-6.6 s of wall time on the 2-core VM (docs/DECISIONS.md, "Start-up cost").
 Standard library only: it runs before the imports it speeds up.
 """
 from __future__ import annotations

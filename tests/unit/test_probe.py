@@ -127,12 +127,11 @@ def two_rank_probe(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("k", KS)
 def test_two_ranks_give_the_one_process_figure(two_rank_probe, k):
-    tmp_path = two_rank_probe
-    results = [json.loads((tmp_path / f"rank{r}-k{k}.json").read_text()) for r in (0, 1)]
+    results = [json.loads((two_rank_probe / f"rank{r}-k{k}.json").read_text()) for r in (0, 1)]
     assert results[0] == results[1]
 
     # The same figure from every sample at once: features and labels read in one process.
-    cfg, norm = config(tmp_path, k), Normalize([0.5], [0.5], 1)
+    cfg, norm = config(two_rank_probe, k), Normalize([0.5], [0.5], 1)
 
     def everything(split: str, limit: int | None = None):
         loader = build_eval_loader(cfg.data, image_size=4, num_channels=1, rank=0, world_size=1, sample_keys=(),
