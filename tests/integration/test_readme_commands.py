@@ -72,16 +72,24 @@ def test_the_trainer_commands_pass_check(command, capfd, monkeypatch):
     assert code == 0, capfd.readouterr().err
 
 
-def test_the_digits_shards_command_writes_the_demos_shards(tmp_path):
+def test_the_digits_shards_command_writes_the_demos_shards(tmp_path, monkeypatch, capsys):
     (command,) = [c for c in readme_commands() if "--source digits" in c]
     for name in ("launch", "pipeline", "configs"):
         (tmp_path / name).symlink_to(ROOT / name)
     result = subprocess.run(shlex.split(command.replace("python ", f"{sys.executable} ", 1)), cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "train: 1618 samples in 4 shards" in result.stdout and "make_shards: 100%" in result.stderr
     manifest = json.loads((tmp_path / "data/digits/manifest.json").read_text())
     names = [s["name"] for s in manifest["shards"]]
     assert sum(n.startswith("train") for n in names) == 4 and sum(n.startswith("val") for n in names) == 1
+    # The same command again (its main(), in this process) is refused: it would overwrite the shards.
+    import make_shards  # launch/make_shards.py
+
+    monkeypatch.chdir(tmp_path)
+    assert make_shards.main(shlex.split(command)[2:]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert json.loads((tmp_path / "data/digits/manifest.json").read_text()) == manifest
 
 
 @pytest.mark.parametrize("script", sorted({c.split()[1] for c in readme_commands() if c.startswith("python launch/")}

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -90,16 +89,6 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         make_shards.main(["--source", "digits"])  # --out missing: argparse's usage error
     assert exit_info.value.code == 2
-
-
-def test_cli_writes_digits_and_refuses_to_overwrite(tmp_path, capsys):
-    run = [sys.executable, str(ROOT / "launch" / "make_shards.py"), "--source", "digits", "--out", str(tmp_path),
-           "--shard-size", "1000"]
-    done = subprocess.run(run, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "train: 1618 samples in 2 shards" in done.stdout and "make_shards: 100%" in done.stderr
-    again = make_shards.main(["--source", "digits", "--out", str(tmp_path), "--quiet"])
-    assert again == 2 and "pass --overwrite" in capsys.readouterr().err
 
 
 def test_verify_lists_what_it_leaves_out_by_source_path(tmp_path, capsys):
