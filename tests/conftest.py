@@ -9,6 +9,12 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per process of the suite (pytest's workers and what they start), unless the
+# environment says otherwise: two workers and the ranks they launch share 2 cores, and a second
+# thread that waits for a busy core makes small matrices many times slower (the MAE demo's probes
+# in a test: 32-48 s with 2 threads on the loaded VM, 4 s with 1). Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "launch" / "pretrain.py"
 
