@@ -69,10 +69,11 @@ def one_rank_group():
 
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory) -> Path:
+    """make_shards.py's digits (its command line: test_readme_commands.py), written in this process."""
+    from pipeline.data.shards import write_shards
+
     out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(ROOT / "launch/make_shards.py"), "--source", "digits", "--out", str(out),
-                    "--shard-size", "200", "--val-fraction", "0.1", "--workers", "1"],
-                   check=True, capture_output=True, timeout=300)
+    write_shards("digits", out, shard_size=200, val_fraction=0.1)
     return out
 
 
