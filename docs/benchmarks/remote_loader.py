@@ -41,18 +41,28 @@ from pipeline.data.tar_reader import read_range  # noqa: E402
 from remote_stores import FaultProxy, aws_env, s3_server, upload_dir  # noqa: E402
 
 
-def loader_rate(pattern: str, batches: int, proxy: FaultProxy | None = None, **data) -> tuple[float, int]:
-    """(img/s over ``batches`` after 3 warm ones, bytes the server sent once the loader was built)."""
-    cfg = DataConfig(train_shards=pattern, batch_size=32, num_workers=2, shuffle_buffer=256, **data)
+WORKERS = [2]  # the loader's workers (--workers)
+SERVER_CPU: dict[str, list[float]] = {}  # per loader_rate label: this process's CPU s per wall s while timed
+
+
+def loader_rate(pattern: str, batches: int, proxy: FaultProxy | None = None, label: str | None = None,
+                **data) -> tuple[float, int]:
+    """(img/s over ``batches`` after 3 warm ones, bytes the server sent once the loader was built).
+    With ``label``: also the CPU this process (the S3 server's and the proxy's threads; the loader's
+    workers are other processes) used per second while timed, into SERVER_CPU."""
+    cfg = DataConfig(train_shards=pattern, batch_size=32, num_workers=WORKERS[0], shuffle_buffer=256, **data)
     train = build_train_loader(cfg, image_size=224, num_channels=3, seed=0, rank=0, world_size=1)
     sent = proxy.sent if proxy else 0  # after the HEAD requests that check the shards
     iterator = iter(train)
     for _ in range(3):  # warm: workers started, clients made, first shards opened
         next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(iterator)
-    rate = batches * 32 / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    rate = batches * 32 / elapsed
+    if label:
+        SERVER_CPU.setdefault(label, []).append((time.process_time() - cpu) / elapsed)
     train.close()
     return rate, (proxy.sent - sent if proxy else 0)
 
@@ -111,10 +121,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--shards", type=int, default=1, help="train shards the images are cut into")
+    parser.add_argument("--workers", type=int, default=2, help="the loader's DataLoader workers (default 2)")
     parser.add_argument("--boundaries", action="store_true", help="the prefetch comparison (module doc)")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="with --boundaries: first-byte latency")
     parser.add_argument("--decode-ms", type=float, default=2.0, help="with --boundaries: the reader's sleep per sample")
     args = parser.parse_args()
+    WORKERS[0] = args.workers
     work = Path(tempfile.gettempdir()) / f"remote-bench-{args.images}-{args.shards}"
     shards = write_jpeg_shards(work, images=args.images, height=360, width=440, shards=args.shards)
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -151,11 +163,16 @@ def main() -> None:
         print("resume", out["resume"], flush=True)
 
         # Throughput: local and S3 taking turns; then a cached run's second pass.
-        rates: dict[str, list[float]] = {"local": [], "s3": [], "s3_cache_epoch2": []}
+        # "s3_direct": the loader talks to moto's server itself, without the counting proxy (two of this
+        # process's threads per connection fewer); the server runs in this process either way.
+        rates: dict[str, list[float]] = {"local": [], "s3": [], "s3_direct": [], "s3_cache_epoch2": []}
         cache = Path(tempfile.mkdtemp(prefix="remote-bench-cache-"))
         for round_ in range(args.rounds):
-            rates["local"].append(loader_rate(str(shards / pattern), args.batches)[0])
-            rates["s3"].append(loader_rate(f"{base}/{pattern}", args.batches)[0])
+            rates["local"].append(loader_rate(str(shards / pattern), args.batches, label="local")[0])
+            rates["s3"].append(loader_rate(f"{base}/{pattern}", args.batches, label="s3")[0])
+            os.environ["AWS_ENDPOINT_URL"] = endpoint
+            rates["s3_direct"].append(loader_rate(f"{base}/{pattern}", args.batches, label="s3_direct")[0])
+            os.environ["AWS_ENDPOINT_URL"] = proxy.url
             if round_ == 0:  # epoch 1 fills the cache
                 out["cache_epoch1_sent"] = loader_rate(f"{base}/{pattern}", args.batches, proxy, cache_dir=str(cache))[1]
             rate, sent_epoch2 = loader_rate(f"{base}/{pattern}", args.batches, proxy, cache_dir=str(cache))
@@ -165,6 +182,9 @@ def main() -> None:
         out["img_per_s"] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
         out["s3_over_local"] = round(out["img_per_s"]["s3"] / out["img_per_s"]["local"], 3)
         out["cache_over_local"] = round(out["img_per_s"]["s3_cache_epoch2"] / out["img_per_s"]["local"], 3)
+        out["s3_direct_over_local"] = round(out["img_per_s"]["s3_direct"] / out["img_per_s"]["local"], 3)
+        # Cores the server (and proxy) took from the loader's 2 workers while they were timed.
+        out["server_cores"] = {k: round(statistics.median(v), 3) for k, v in SERVER_CPU.items()}
         proxy.close()
     print(json.dumps(out, indent=1))
 
