@@ -20,6 +20,7 @@ launch/benchmark.py (it needs a server); the figures are in docs/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -41,16 +42,15 @@ from pipeline.data.tar_reader import read_range  # noqa: E402
 from remote_stores import FaultProxy, aws_env, s3_server, upload_dir  # noqa: E402
 
 
-WORKERS = [2]  # the loader's workers (--workers)
 SERVER_CPU: dict[str, list[float]] = {}  # per loader_rate label: this process's CPU s per wall s while timed
 
 
 def loader_rate(pattern: str, batches: int, proxy: FaultProxy | None = None, label: str | None = None,
-                **data) -> tuple[float, int]:
+                workers: int = 2, **data) -> tuple[float, int]:
     """(img/s over ``batches`` after 3 warm ones, bytes the server sent once the loader was built).
     With ``label``: also the CPU this process (the S3 server's and the proxy's threads; the loader's
     workers are other processes) used per second while timed, into SERVER_CPU."""
-    cfg = DataConfig(train_shards=pattern, batch_size=32, num_workers=WORKERS[0], shuffle_buffer=256, **data)
+    cfg = DataConfig(train_shards=pattern, batch_size=32, num_workers=workers, shuffle_buffer=256, **data)
     train = build_train_loader(cfg, image_size=224, num_channels=3, seed=0, rank=0, world_size=1)
     sent = proxy.sent if proxy else 0  # after the HEAD requests that check the shards
     iterator = iter(train)
@@ -126,7 +126,6 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="with --boundaries: first-byte latency")
     parser.add_argument("--decode-ms", type=float, default=2.0, help="with --boundaries: the reader's sleep per sample")
     args = parser.parse_args()
-    WORKERS[0] = args.workers
     work = Path(tempfile.gettempdir()) / f"remote-bench-{args.images}-{args.shards}"
     shards = write_jpeg_shards(work, images=args.images, height=360, width=440, shards=args.shards)
     manifest = json.loads((shards / "manifest.json").read_text())
@@ -168,15 +167,16 @@ def main() -> None:
         rates: dict[str, list[float]] = {"local": [], "s3": [], "s3_direct": [], "s3_cache_epoch2": []}
         cache = Path(tempfile.mkdtemp(prefix="remote-bench-cache-"))
         for round_ in range(args.rounds):
-            rates["local"].append(loader_rate(str(shards / pattern), args.batches, label="local")[0])
-            rates["s3"].append(loader_rate(f"{base}/{pattern}", args.batches, label="s3")[0])
+            rate = functools.partial(loader_rate, batches=args.batches, workers=args.workers)
+            rates["local"].append(rate(str(shards / pattern), label="local")[0])
+            rates["s3"].append(rate(f"{base}/{pattern}", label="s3")[0])
             os.environ["AWS_ENDPOINT_URL"] = endpoint
-            rates["s3_direct"].append(loader_rate(f"{base}/{pattern}", args.batches, label="s3_direct")[0])
+            rates["s3_direct"].append(rate(f"{base}/{pattern}", label="s3_direct")[0])
             os.environ["AWS_ENDPOINT_URL"] = proxy.url
             if round_ == 0:  # epoch 1 fills the cache
-                out["cache_epoch1_sent"] = loader_rate(f"{base}/{pattern}", args.batches, proxy, cache_dir=str(cache))[1]
-            rate, sent_epoch2 = loader_rate(f"{base}/{pattern}", args.batches, proxy, cache_dir=str(cache))
-            rates["s3_cache_epoch2"].append(rate)
+                out["cache_epoch1_sent"] = rate(f"{base}/{pattern}", proxy=proxy, cache_dir=str(cache))[1]
+            cached, sent_epoch2 = rate(f"{base}/{pattern}", proxy=proxy, cache_dir=str(cache))
+            rates["s3_cache_epoch2"].append(cached)
             out.setdefault("cache_epoch2_sent", []).append(sent_epoch2)
             print(round_, {k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
         out["img_per_s"] = {k: round(statistics.median(v), 1) for k, v in rates.items()}
