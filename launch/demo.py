@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if not (SHARDS / "manifest.json").is_file():
         run([sys.executable, "launch/make_shards.py", "--source", "digits", "--out", str(SHARDS),
-             "--shard-size", "405", "--val-fraction", "0.1", "--workers", "2"])
+             "--shard-size", "405", "--val-fraction", "0.1"])
     if args.objective == "mae":
         return mae(args.overrides, started)
     return classification(args.overrides, started)

@@ -39,18 +39,21 @@ EMA = ["train.ema_decay=0.9"]
 
 
 # The slow-save runs (the ZeRO-2 preemption pair, the async kill -9 chain and their uninterrupted
-# twin) train DeiT's whole recipe (configs/imagenet_deit_b16.yaml): RandAugment in the workers,
-# mixup/cutmix with smoothed targets, random erasing on the device, repeated augmentation x3 and
-# drop path, beside the EMA; their resumes are bitwise with every piece's randomness in play.
+# twin) and the ZeRO-3 kill -9 / SIGUSR1 chain (killed_pair, and its own twin) train DeiT's whole
+# recipe (configs/imagenet_deit_b16.yaml): RandAugment in the workers, mixup/cutmix with smoothed
+# targets, random erasing on the device, repeated augmentation x3 and drop path, beside the EMA;
+# their resumes are bitwise with every piece's randomness in play.
 DEIT = ["data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_prob=1.0",
         "data.mixup_switch_prob=0.5", "data.mixup_mode=batch", "data.reprob=0.25", "data.remode=pixel",
         "data.recount=1", "data.aug_repeats=3", "model.drop_path_rate=0.1", "train.label_smoothing=0.1"]
 
 
-def common(shards: Path, stage: int, slow_save: bool = False) -> list[str]:
+def common(shards: Path, stage: int, slow_save: bool = False, deit: bool | None = None) -> list[str]:
+    """The shared runs' overrides; ``deit`` (DeiT's recipe) goes with ``slow_save`` unless given."""
+    deit = slow_save if deit is None else deit
     return [*TINY, WORKERS, *shard_overrides(shards), f"train.zero_stage={stage}", "train.precision=fp32",
             f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "data.ledger=true", *EMA,
-            *([*SLOW_SAVE, *DEIT] if slow_save else [])]
+            *(SLOW_SAVE if slow_save else []), *(DEIT if deit else [])]
 
 
 @dataclass
@@ -177,11 +180,12 @@ class Pair:
     notes: dict = field(default_factory=dict)
 
 
-def uninterrupted(base: Path, shards: Path, stage: int, slow_save: bool = False) -> Path:
-    key = f"full-{stage}-{slow_save}"
+def uninterrupted(base: Path, shards: Path, stage: int, slow_save: bool = False, deit: bool | None = None) -> Path:
+    deit = slow_save if deit is None else deit
+    key = f"full-{stage}-{slow_save}-{deit}"
     if key not in _CACHE:
-        out = base / f"full-zero{stage}{'-slow-save' if slow_save else ''}"
-        job = run(2, out, common(shards, stage, slow_save))
+        out = base / f"full-zero{stage}{'-slow-save' if slow_save else ''}{'-deit' if deit and not slow_save else ''}"
+        job = run(2, out, common(shards, stage, slow_save, deit))
         assert job.returncode == 0, job.log[-3000:]
         _CACHE[key] = out
     return _CACHE[key]
@@ -234,14 +238,18 @@ def preempted_pair(base: Path, shards: Path, stage: int = 2) -> Pair:
 
 
 def killed_pair(base: Path, shards: Path, stage: int = 3) -> Pair:
-    """SIGKILL to the whole job after a periodic checkpoint; then, before the rerun, the leftovers
-    of a save killed half-way (a step directory with part of the shards and no marker)."""
+    """DeiT's recipe: SIGKILL to the whole job after a periodic checkpoint; then, before the rerun,
+    the leftovers of a save killed half-way (a step directory with part of the shards and no
+    marker); the rerun stopped by SIGUSR1 after its next periodic checkpoint; then the same command
+    again, to the end. ``first``: the killed launch, ``second``: the last one; ``notes["stopped"]``:
+    the one in between."""
     key = f"killed-{stage}"
     if key in _CACHE:
         return _CACHE[key]
-    full = uninterrupted(base, shards, stage)
+    full = uninterrupted(base, shards, stage, deit=True)
     out = base / f"killed-zero{stage}"
-    first = launch(2, out, common(shards, stage))
+    overrides = common(shards, stage, deit=True)
+    first = launch(2, out, overrides)
     marker = out / "checkpoints" / f"step-{EVERY}" / "COMPLETE"
     wait_until(lambda: marker.is_file() and ledger_steps(out, 0) >= EVERY + 1, first,
                f"step {EVERY + 1} after the step-{EVERY} checkpoint")
@@ -257,10 +265,19 @@ def killed_pair(base: Path, shards: Path, stage: int = 3) -> Pair:
         for shard in sorted((root / f"step-{newest}").glob("*.pt"))[:2]:
             data = shard.read_bytes()
             (partial / shard.name).write_bytes(data[: len(data) // 2])  # truncated, as a kill leaves it
-    second = run(2, out, common(shards, stage))
+    stopped = launch(2, out, overrides)
+    # After the periodic save that replaces the partial one: SIGUSR1 to both ranks, which stop at the
+    # next step boundary (STEPS - 2 * EVERY - 1 steps before the end).
+    wait_until(lambda: (partial_newer / "COMPLETE").is_file() and ledger_steps(out, 0) >= newest + EVERY + 1
+               and ledger_steps(out, 1) >= newest + EVERY + 1, stopped, f"step {newest + EVERY + 1}")
+    for pid in stopped.worker_pids():
+        os.kill(pid, signal.SIGUSR1)
+    stopped.wait()
+    exit_status = (out / "exit_status").read_text().strip()
+    second = run(2, out, overrides)
     _CACHE[key] = Pair(stage=stage, full=full, interrupted=out, first=first, second=second,
                        notes={"killed_at": killed_at, "resumed_from": newest, "partial_newer": partial_newer,
-                              "partial_older": partial_older})
+                              "partial_older": partial_older, "stopped": stopped, "exit_status": exit_status})
     return _CACHE[key]
 
 
