@@ -286,7 +286,7 @@ def without(overrides: list[str], *keys: str) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0] not in keys]
 
 
-ELASTIC_SHARDS = 3  # the elastic runs train on the first 3 train shards: 600 samples, 18 steps per epoch on 2 ranks
+ELASTIC_SHARDS = 2  # the elastic runs train on the first 2 train shards: 400 samples, 12 steps per epoch on 2 ranks
 
 
 def elastic_common(shards: Path, stage: int) -> list[str]:

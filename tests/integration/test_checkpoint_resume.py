@@ -1,11 +1,12 @@
 """Exact resume (2 ranks, ZeRO-2 and ZeRO-3, fp32, bitwise, DeiT's recipe) after a preemption signal,
 and at ZeRO-3 after a SIGKILL, a save killed half-way and then a SIGUSR1; and elastic resume: a run stopped mid-epoch goes on with that
-epoch on 3 ranks, and 2 -> 1 -> 2 ranks inside one epoch, through DeepSpeed's
+epoch on 1 and on 3 ranks, and 2 -> 1 -> 2 ranks inside one epoch, through DeepSpeed's
 universal checkpoints, every sample of the interrupted epoch trained once (the ledgers). Real torchrun jobs, shared with the other checkpoint tests (checkpoint_runs)."""
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -100,31 +101,35 @@ def assert_exactly_once(epochs: dict[int, list[str]], samples: int, left_out: in
     assert len(epochs[1]) == len(set(epochs[1])) == samples - samples % last_global_batch
 
 
-def test_a_run_stopped_mid_epoch_goes_on_with_that_epoch_on_3_ranks(base, digits_shards):
-    """ZeRO-2: stopped by SIGUSR1 on 2 ranks; resumed (universal checkpoint) on 3 ranks (global batch
-    32 -> 48) to the end of the following epoch. The ledgers show the interrupted epoch's samples
-    exactly once. (2 -> 1 -> 2 ranks inside one epoch, at ZeRO-3: the next test.)"""
+def test_a_run_stopped_mid_epoch_goes_on_with_that_epoch_on_1_and_on_3_ranks(base, digits_shards):
+    """ZeRO-2: stopped by SIGUSR1 on 2 ranks; resumed (universal checkpoint) on 1 rank with twice the
+    micro-batch (the same global batch) and on 3 ranks (global batch 32 -> 48), each to the end of
+    the following epoch. The ledgers show the interrupted epoch's samples exactly once."""
     source, stop = runs.stopped_run(base, digits_shards, stage=2)
     samples, trained = train_samples(digits_shards, runs.ELASTIC_SHARDS), stop * 32
     assert 3 <= stop < samples // 32  # stopped inside epoch 0
-    nproc, batch = 3, 16
-    global_batch = nproc * batch
-    rest = (samples - trained) // global_batch
-    max_steps = stop + rest + samples // global_batch
-    out = base / f"stopped-zero2-on-{nproc}"
-    job = runs.run(nproc, out, [*runs.elastic_common(digits_shards, 2), f"data.batch_size={batch}",
-                                f"train.max_steps={max_steps}", f"checkpoint.resume={source}/checkpoints/step-{stop}"])
-    assert job.returncode == 0, job.log[-3000:]
-    left_out = samples - trained - rest * global_batch
-    assert (f"epoch 0 goes on where it stopped: {trained} of its {samples} samples were trained") in job.log
-    assert f"re-cut over {nproc} ranks x 1 workers: {rest} steps of {global_batch}, {left_out} left out" in job.log
-    assert f"the global batch changes from 32 to {global_batch} (2 -> {nproc} ranks" in job.log
-    assert "converted" in job.log
-    rows = runs.train_rows(out)
-    assert sorted(rows) == list(range(stop + 1, max_steps + 1))  # the step count goes on
-    assert [rows[s]["epoch"] for s in (stop + 1, stop + rest, stop + rest + 1, max_steps)] == [0, 0, 1, 1]
-    assert_exactly_once(keys_by_epoch([(source, 1, stop), (out, stop + 1, max_steps)]), samples, left_out,
-                        global_batch)
+    for nproc, batch in ((1, 32), (3, 16)):
+        global_batch = nproc * batch
+        rest = (samples - trained) // global_batch
+        max_steps = stop + rest + samples // global_batch
+        out = base / f"stopped-zero2-on-{nproc}"
+        if nproc == 3:  # the 1-rank run's universal form of the same checkpoint serves (made once per checkpoint)
+            shutil.copytree(base / "stopped-zero2-on-1" / "checkpoints" / f"step-{stop}_universal",
+                            out / "checkpoints" / f"step-{stop}_universal")
+        job = runs.run(nproc, out, [*runs.elastic_common(digits_shards, 2), f"data.batch_size={batch}",
+                                    f"train.max_steps={max_steps}", f"checkpoint.resume={source}/checkpoints/step-{stop}"])
+        assert job.returncode == 0, job.log[-3000:]
+        left_out = samples - trained - rest * global_batch
+        assert (f"epoch 0 goes on where it stopped: {trained} of its {samples} samples were trained") in job.log
+        assert f"re-cut over {nproc} ranks x 1 workers: {rest} steps of {global_batch}, {left_out} left out" in job.log
+        if global_batch != 32:
+            assert f"the global batch changes from 32 to {global_batch} (2 -> {nproc} ranks" in job.log
+        assert ("converted" in job.log) == (nproc == 1)
+        rows = runs.train_rows(out)
+        assert sorted(rows) == list(range(stop + 1, max_steps + 1))  # the step count goes on
+        assert [rows[s]["epoch"] for s in (stop + 1, stop + rest, stop + rest + 1, max_steps)] == [0, 0, 1, 1]
+        assert_exactly_once(keys_by_epoch([(source, 1, stop), (out, stop + 1, max_steps)]), samples, left_out,
+                            global_batch)
 
 
 def test_world_size_change_2_1_2_inside_one_epoch(base, digits_shards):
