@@ -128,8 +128,12 @@ def test_usr1_checkpoints_requeues_and_resumes_from_that_checkpoint(slurm_cluste
     """`sbatch --nodes=2 slurm/pretrain.sbatch CONFIG k=v ...` with the defaults a user gets (the run
     directory runs/<job name>-<job id>/, the output file slurm-<job name>-<job id>.out), one rank per
     node; Slurm's warning (USR1) mid-run, the requeue, and the requeued job trains to the end."""
-    name, max_steps = "test-slurm-e2e", 60  # more than one epoch (50 steps of 2 x 16 samples): the data stream resumes across one
-    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG, *train_args(digits_shards, max_steps), env=job_env(),
+    # More than one epoch of the first 2 training shards (400 samples: 12 steps of 2 x 16): the data
+    # stream resumes across one.
+    name, max_steps = "test-slurm-e2e", 20
+    train = ",".join(str(digits_shards / f"train-{i:06d}.tar") for i in range(2))
+    job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG,
+                               *train_args(digits_shards, max_steps, f"data.train_shards=[{train}]"), env=job_env(),
                                sbatch_args=("--nodes=2", f"--job-name={name}"))
     run_dir = REPO / "runs" / f"{name}-{job}"
     output = REPO / f"slurm-{name}-{job}.out"
