@@ -77,6 +77,25 @@ def test_the_demo_lets_the_users_overrides_replace_its_own():
     load_config(None, with_defaults(defaults, ["checkpoint.overwrite=false"]))  # no repeated key
 
 
+def test_the_demo_trains_in_fp32_where_the_cpu_would_emulate_bf16(monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT))
+    from launch import demo
+
+    config = ROOT / "configs" / "digits_tiny.yaml"  # bf16, as the demo's configs are
+    monkeypatch.setattr(demo, "cpu_has_bf16_kernels", lambda: False)
+    precision = demo.demo_precision(["train.max_steps=5"])
+    assert "the demo trains in fp32" in capsys.readouterr().out
+    assert load_config(config, demo.with_defaults(precision, ["train.max_steps=5"])).train.precision == "fp32"
+    assert demo.demo_precision(["train.precision=bf16"]) == []  # the user's choice stands, unannounced
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(demo, "cpu_has_bf16_kernels", lambda: True)
+    assert load_config(config, demo.with_defaults(demo.demo_precision([]), [])).train.precision == "bf16"
+    monkeypatch.undo()
+    flags = open("/proc/cpuinfo").read()
+    if "avx512" not in flags:  # AVX2 only: torch has no bf16 kernels here (this VM), whatever it reports elsewhere
+        assert demo.cpu_has_bf16_kernels() is False
+
+
 def test_a_stop_before_training_waits_for_the_checks_then_ends_without_announcing_a_checkpoint(tmp_path):
     """While the run checks its inputs a stop signal is only recorded (a rank that then finds a
     mistake ends with its own 2); once the checks pass it ends the process at once: nothing is
