@@ -85,6 +85,12 @@ def shard_overrides(shards: Path) -> list[str]:
     return [f"data.train_shards=[{train}]", f"data.val_shards=[{val}]"]
 
 
+def first_train_shards(shards: Path, count: int) -> str:
+    """The override that trains on the first ``count`` training shards only (shorter epochs); given
+    after shard_overrides, it replaces that one's list."""
+    return "data.train_shards=[" + ",".join(str(shards / f"train-{i:06d}.tar") for i in range(count)) + "]"
+
+
 def run_env(threads: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}

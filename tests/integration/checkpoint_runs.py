@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import PRETRAIN, ROOT, TINY, WORKERS, run_env, shard_overrides
+from conftest import PRETRAIN, ROOT, TINY, WORKERS, first_train_shards, run_env, shard_overrides
 
 _CACHE: dict[str, object] = {}
 
@@ -292,9 +292,8 @@ ELASTIC_SHARDS = 2  # the elastic runs train on the first 2 train shards: 400 sa
 def elastic_common(shards: Path, stage: int) -> list[str]:
     """``common`` on a smaller training set (short epochs: a resumed run goes through the rest of
     the interrupted epoch and a whole next one in a few dozen steps), saving only at the end."""
-    train = ",".join(str(shards / f"train-{i:06d}.tar") for i in range(ELASTIC_SHARDS))
     return [*without(common(shards, stage), "data.train_shards", "checkpoint.every_steps"),
-            f"data.train_shards=[{train}]", "checkpoint.every_steps=0"]
+            first_train_shards(shards, ELASTIC_SHARDS), "checkpoint.every_steps=0"]
 
 
 def stopped_run(base: Path, shards: Path, stage: int = 2) -> tuple[Path, int]:

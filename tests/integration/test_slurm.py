@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, TINY_DECODER, WORKERS, ledger, metrics, shard_overrides
+from conftest import TINY, TINY_DECODER, WORKERS, first_train_shards, ledger, metrics, shard_overrides
 from slurm_cluster import FINISHED, REPO, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 CONFIG = "configs/digits_tiny.yaml"
@@ -131,10 +131,9 @@ def test_usr1_checkpoints_requeues_and_resumes_from_that_checkpoint(slurm_cluste
     # More than one epoch of the first 2 training shards (400 samples: 12 steps of 2 x 16): the data
     # stream resumes across one.
     name, max_steps = "test-slurm-e2e", 20
-    train = ",".join(str(digits_shards / f"train-{i:06d}.tar") for i in range(2))
     job = slurm_cluster.sbatch("slurm/pretrain.sbatch", CONFIG,
-                               *train_args(digits_shards, max_steps, f"data.train_shards=[{train}]"), env=job_env(),
-                               sbatch_args=("--nodes=2", f"--job-name={name}"))
+                               *train_args(digits_shards, max_steps, first_train_shards(digits_shards, 2)),
+                               env=job_env(), sbatch_args=("--nodes=2", f"--job-name={name}"))
     run_dir = REPO / "runs" / f"{name}-{job}"
     output = REPO / f"slurm-{name}-{job}.out"
     try:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAIN, ROOT, TINY, WORKERS, ledger, metrics, run_env, shard_overrides, torchrun
+from conftest import (PRETRAIN, ROOT, TINY, WORKERS, first_train_shards, ledger, metrics, run_env, shard_overrides,
+                      torchrun)
 from guarded_pretrain import findings
 
 GUARDED = Path(__file__).with_name("guarded_pretrain.py")
@@ -49,10 +50,10 @@ AUGMENTED_SHARDS, AUGMENTED_BATCH, AUGMENTED_STEPS = 3, 30, 20
 
 
 def augmentations(shards: Path) -> list[str]:
-    train = ",".join(str(shards / f"train-{i:06d}.tar") for i in range(AUGMENTED_SHARDS))
     return [WORKERS, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.aug_repeats=2", "data.reprob=0.25",
             "data.recount=2", "data.mixup=0.8", "data.cutmix=1.0", "data.mixup_mode=elem", "data.ledger=true",
-            f"data.train_shards=[{train}]", f"data.batch_size={AUGMENTED_BATCH}", f"train.max_steps={AUGMENTED_STEPS}"]
+            first_train_shards(shards, AUGMENTED_SHARDS), f"data.batch_size={AUGMENTED_BATCH}",
+            f"train.max_steps={AUGMENTED_STEPS}"]
 
 
 # Every stage and both precisions, each stage once: the other pairs run elsewhere with the same
